@@ -1,0 +1,1 @@
+"""saev_core: the library and step scripts the Snakemake workflow calls."""

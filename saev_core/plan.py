@@ -1,0 +1,207 @@
+"""Turn `config/experiments.yaml` into the jobs the workflow runs; no torch, cheap to import.
+
+Used by `workflow/rules/common.smk` while Snakemake plans: shard directories are named by their
+metadata hash, sweeps expand into SAEs with ids hashed from their full configuration, and SAEs
+that share a training data stream form one sweep group (one job, one pass over the data).
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import pathlib
+
+from . import datasets, shards
+
+RESULTS_DPATH = "results"
+SCHEMA_FPATH = pathlib.Path(__file__).parent.parent / "workflow" / "schemas" / "experiments.schema.yaml"
+# What decides the stream of training batches: SAEs that agree on these share one job.
+STREAM_KEYS = ("shards", "layer", "tokens", "batch_size", "n_train", "seed")
+
+
+class PlanError(ValueError):
+    """The configuration is valid JSON-Schema-wise but does not make sense as a whole."""
+
+
+def short_hash(obj) -> str:
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def expand_grid(value) -> list:
+    """All configurations a sweep value stands for.
+
+    A list is a choice (each element expanded, results concatenated); a mapping is the
+    cartesian product of its values' expansions; anything else is itself.
+    """
+    if isinstance(value, list):
+        return [choice for item in value for choice in expand_grid(item)]
+    if isinstance(value, dict):
+        keys = sorted(value)
+        products = itertools.product(*(expand_grid(value[k]) for k in keys))
+        return [dict(zip(keys, combo, strict=True)) for combo in products]
+    return [value]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """One shard directory to dump."""
+
+    metadata: shards.Metadata
+    dataset: str
+    batch_size: int
+    n_workers: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """SAEs trained together on one data stream."""
+
+    id: str
+    stream: dict
+    sae_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    name: str
+    train_shards: str
+    eval_shards: str
+    dataset: str
+    saes: dict[str, dict]
+    """SAE id -> full configuration."""
+    groups: dict[str, Group]
+    sae_group: dict[str, str]
+    """SAE id -> group id."""
+    top_k: int
+    render: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    datasets: dict[str, dict]
+    """Dataset name -> config with `root` resolved (generated sets live under results/)."""
+    activations: dict[str, str]
+    """Activation spec name -> shard directory hash."""
+    shard_jobs: dict[str, ShardJob]
+    sweeps: dict[str, Sweep]
+
+    @property
+    def generated_datasets(self) -> list[str]:
+        return [name for name, cfg in self.datasets.items() if cfg["kind"] == "synthetic"]
+
+
+def resolve_dataset(name: str, cfg: dict) -> dict:
+    if cfg["kind"] == "synthetic":
+        return {**cfg, "root": f"{RESULTS_DPATH}/datasets/{name}"}
+    return dict(cfg)
+
+
+def shard_metadata(spec_name: str, spec: dict, config: dict, dataset_cfgs: dict) -> shards.Metadata:
+    model = lookup(config["models"], spec["model"], f"activations.{spec_name}.model")
+    dataset_cfg = lookup(dataset_cfgs, spec["dataset"], f"activations.{spec_name}.dataset")
+    data = {k: v for k, v in dataset_cfg.items() if k not in ("kind", "root")}
+    if dataset_cfg["kind"] != "synthetic":
+        data["root"] = dataset_cfg["root"]
+    has_masks = dataset_cfg["kind"] == "synthetic"
+    try:
+        return shards.Metadata(
+            vit_family=model["family"],
+            vit_ckpt=model["ckpt"],
+            layers=tuple(spec["layers"]),
+            n_patches_per_img=model["n_patches_per_img"],
+            cls_token=model["cls_token"],
+            d_vit=model["d_vit"],
+            n_imgs=datasets.count_images(dataset_cfg),
+            max_patches_per_shard=spec["max_patches_per_shard"],
+            data={**data, "__class__": dataset_cfg["kind"]},
+            protocol=shards.PROTOCOL_WITH_LABELS if has_masks else shards.PROTOCOL,
+        )
+    except (ValueError, datasets.DatasetError) as err:
+        raise PlanError(f"activations.{spec_name}: {err}") from err
+
+
+def lookup(table: dict, name: str, where: str):
+    if name not in table:
+        raise PlanError(f"{where}: {name!r} is not defined; known: {sorted(table)}")
+    return table[name]
+
+
+def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Sweep:
+    train_shards = lookup(activations, cfg["train_activations"], f"sweeps.{name}.train_activations")
+    eval_name = cfg.get("eval_activations", cfg["train_activations"])  # optional, no default
+    eval_shards = lookup(activations, eval_name, f"sweeps.{name}.eval_activations")
+    train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
+    if (train_md.vit_family, train_md.vit_ckpt) != (eval_md.vit_family, eval_md.vit_ckpt):
+        raise PlanError(f"sweeps.{name}: train and eval activations come from different models")
+
+    saes = {}
+    for point in expand_grid({"train": cfg["train"], "sae": cfg["saes"]}):
+        sae_cfg = {**point["train"], **point["sae"], "shards": train_shards}
+        for md, which in ((train_md, "train"), (eval_md, "eval")):
+            if sae_cfg["layer"] not in md.layers:
+                raise PlanError(
+                    f"sweeps.{name}.train.layer: layer {sae_cfg['layer']} is not recorded by the "
+                    f"{which} activations (layers {list(md.layers)})"
+                )
+        saes[short_hash(sae_cfg)] = sae_cfg
+
+    by_stream: dict[str, list[str]] = {}
+    for sae_id in sorted(saes):
+        stream = {k: saes[sae_id][k] for k in STREAM_KEYS}
+        by_stream.setdefault(json.dumps(stream, sort_keys=True), []).append(sae_id)
+    groups, sae_group = {}, {}
+    cap = cfg["max_saes_per_group"]
+    for stream_json, sae_ids in by_stream.items():
+        stream = json.loads(stream_json)
+        for lo in range(0, len(sae_ids), cap):
+            members = tuple(sae_ids[lo : lo + cap])
+            group_id = f"layer{stream['layer']}-{short_hash([stream, members])[:8]}"
+            groups[group_id] = Group(id=group_id, stream=stream, sae_ids=members)
+            sae_group.update(dict.fromkeys(members, group_id))
+    return Sweep(
+        name=name,
+        train_shards=train_shards,
+        eval_shards=eval_shards,
+        dataset=shard_jobs[train_shards].dataset,
+        saes=saes,
+        groups=groups,
+        sae_group=sae_group,
+        top_k=cfg["top_k"],
+        render=cfg["render"],
+    )
+
+
+def load_config(fpath: pathlib.Path) -> dict:
+    """Read an experiments YAML and validate it, filling the schema's defaults, as Snakemake does."""
+    import yaml
+    from snakemake.utils import validate
+
+    config = yaml.safe_load(pathlib.Path(fpath).read_text())
+    validate(config, str(SCHEMA_FPATH))
+    return config
+
+
+def make_plan(config: dict) -> Plan:
+    """Everything the workflow needs to know about jobs, from a config `load_config` validated."""
+    dataset_cfgs = {name: resolve_dataset(name, cfg) for name, cfg in config["datasets"].items()}
+    activations, shard_jobs = {}, {}
+    for spec_name, spec in config["activations"].items():
+        metadata = shard_metadata(spec_name, spec, config, dataset_cfgs)
+        activations[spec_name] = metadata.hash
+        shard_jobs.setdefault(
+            metadata.hash,
+            ShardJob(
+                metadata=metadata,
+                dataset=spec["dataset"],
+                batch_size=spec["batch_size"],
+                n_workers=spec["n_workers"],
+            ),
+        )
+    sweeps = {
+        name: plan_sweep(name, cfg, activations, shard_jobs)
+        for name, cfg in config["sweeps"].items()
+    }
+    return Plan(
+        datasets=dataset_cfgs, activations=activations, shard_jobs=shard_jobs, sweeps=sweeps
+    )

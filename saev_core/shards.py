@@ -1,0 +1,289 @@
+"""The activation-shard protocol (SPEC §5): metadata, directory hash, shard layout, writer, reader.
+
+One source of truth for the on-disk format, used by the dump step, every loader and the tests.
+
+Shape key: S = images per shard, L = recorded layers, T = tokens per image ([CLS] + patches),
+P = patch tokens per image, D = d_vit.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+PROTOCOL = "1.0.0"
+PROTOCOL_WITH_LABELS = "1.1.0"
+SHARDS_FNAME = "shards.json"
+METADATA_FNAME = "metadata.json"
+LABELS_FNAME = "labels.bin"
+
+
+class ShardError(Exception):
+    """A shard directory is missing, incomplete, or does not match its metadata."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """Everything that decides the bytes of a shard directory (and so its name)."""
+
+    vit_family: str
+    """Model family: tiny, clip, siglip or dinov2."""
+    vit_ckpt: str
+    """Checkpoint name within the family, e.g. `ViT-B-16/openai`."""
+    layers: tuple[int, ...]
+    """Recorded blocks, as requested (negative indices count from the end)."""
+    n_patches_per_img: int
+    """Patch tokens per image, without [CLS]."""
+    cls_token: bool
+    """Whether the [CLS] token is stored first."""
+    d_vit: int
+    """Residual-stream width."""
+    n_imgs: int
+    """Images in the dataset."""
+    max_patches_per_shard: int
+    """Upper bound on token vectors per shard file; decides images per shard."""
+    data: dict
+    """The dataset's configuration plus `__class__`, the dataset kind."""
+    dtype: str = "float32"
+    protocol: str = PROTOCOL
+
+    def __post_init__(self):
+        if self.dtype != "float32":
+            raise ValueError(f"metadata dtype must be 'float32', got {self.dtype!r}")
+        if self.protocol not in (PROTOCOL, PROTOCOL_WITH_LABELS):
+            raise ValueError(
+                f"metadata protocol must be {PROTOCOL!r} or {PROTOCOL_WITH_LABELS!r}, "
+                f"got {self.protocol!r}"
+            )
+        if "__class__" not in self.data:
+            raise ValueError("metadata 'data' must name the dataset kind under '__class__'")
+        if not self.layers:
+            raise ValueError("metadata 'layers' must list at least one layer")
+        if self.n_imgs < 1:
+            raise ValueError(f"metadata 'n_imgs' must be >= 1, got {self.n_imgs}")
+        if self.n_imgs_per_shard < 1:
+            raise ValueError(
+                f"max_patches_per_shard={self.max_patches_per_shard} is smaller than one image "
+                f"({self.n_tokens} tokens x {len(self.layers)} layers); raise it"
+            )
+
+    @classmethod
+    def from_dict(cls, dct: dict) -> "Metadata":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if set(dct) != fields:
+            raise ValueError(
+                f"metadata fields must be exactly {sorted(fields)}; "
+                f"missing {sorted(fields - set(dct))}, unexpected {sorted(set(dct) - fields)}"
+            )
+        return cls(**{**dct, "layers": tuple(dct["layers"])})
+
+    @classmethod
+    def load(cls, dpath: pathlib.Path) -> "Metadata":
+        fpath = pathlib.Path(dpath) / METADATA_FNAME
+        if not fpath.exists():
+            raise ShardError(f"{fpath} does not exist: not a shard directory")
+        return cls.from_dict(json.loads(fpath.read_text(encoding="utf-8")))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
+
+    @property
+    def hash(self) -> str:
+        """Lowercase hex SHA-256 of the canonical JSON: the shard directory's name."""
+        return metadata_hash(self.to_dict())
+
+    @property
+    def n_tokens(self) -> int:
+        """T: tokens stored per image and layer."""
+        return self.n_patches_per_img + int(self.cls_token)
+
+    @property
+    def n_imgs_per_shard(self) -> int:
+        """S: images per shard file."""
+        return self.max_patches_per_shard // (self.n_tokens * len(self.layers))
+
+    @property
+    def shard_shape(self) -> tuple[int, int, int, int]:
+        return (self.n_imgs_per_shard, len(self.layers), self.n_tokens, self.d_vit)
+
+    @property
+    def shard_nbytes(self) -> int:
+        return int(np.prod(self.shard_shape)) * 4
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_imgs // self.n_imgs_per_shard)
+
+    def shard_n_imgs(self, shard_i: int) -> int:
+        """Meaningful rows in shard `shard_i` (only the last one may be short)."""
+        return min(self.n_imgs_per_shard, self.n_imgs - shard_i * self.n_imgs_per_shard)
+
+    def layer_index(self, layer: int) -> int:
+        """Position of `layer` in the recorded layers; a clear error when it was not recorded."""
+        if layer not in self.layers:
+            raise ShardError(
+                f"layer {layer} was not recorded; recorded layers: {list(self.layers)}"
+            )
+        return self.layers.index(layer)
+
+
+def metadata_hash(metadata: dict) -> str:
+    """SHA-256 of the metadata as JSON with sorted keys and separators (',', ':')."""
+    canonical = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def shard_fname(shard_i: int) -> str:
+    return f"acts{shard_i:06d}.bin"
+
+
+def write_atomic(fpath: pathlib.Path, data: bytes):
+    """Write to a temporary sibling, flush to disk, then rename: readers never see half a file."""
+    tmp_fpath = fpath.with_name(f".{fpath.name}.tmp")
+    with open(tmp_fpath, "wb") as fd:
+        fd.write(data)
+        fd.flush()
+        os.fsync(fd.fileno())
+    os.replace(tmp_fpath, fpath)
+
+
+class ShardWriter:
+    """Writes a shard directory shard by shard, resuming after the last complete shard.
+
+    A shard file appears (by atomic rename) only once all its rows are written, and the directory
+    is complete only once `shards.json` is published, after every shard exists with its exact size.
+    """
+
+    def __init__(self, dpath: pathlib.Path, metadata: Metadata):
+        self.dpath = pathlib.Path(dpath)
+        self.metadata = metadata
+        self.dpath.mkdir(parents=True, exist_ok=True)
+        md_fpath = self.dpath / METADATA_FNAME
+        if md_fpath.exists():
+            existing = Metadata.load(self.dpath)
+            if existing != metadata:
+                raise ShardError(
+                    f"{md_fpath} describes a different dump than requested; "
+                    "remove the directory or fix the configuration"
+                )
+        else:
+            text = json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n"
+            write_atomic(md_fpath, text.encode("utf-8"))
+
+    def is_complete(self, shard_i: int) -> bool:
+        fpath = self.dpath / shard_fname(shard_i)
+        return fpath.exists() and fpath.stat().st_size == self.metadata.shard_nbytes
+
+    def first_incomplete_shard(self) -> int:
+        """Index of the first shard to (re)write; `n_shards` when all are done."""
+        for shard_i in range(self.metadata.n_shards):
+            if not self.is_complete(shard_i):
+                return shard_i
+        return self.metadata.n_shards
+
+    def write_shard(self, shard_i: int, acts_SLTD: np.ndarray):
+        assert acts_SLTD.shape == self.metadata.shard_shape, acts_SLTD.shape
+        assert acts_SLTD.dtype == np.float32
+        write_atomic(self.dpath / shard_fname(shard_i), acts_SLTD.astype("<f4").tobytes())
+
+    def write_labels(self, labels_NP: np.ndarray):
+        assert labels_NP.shape == (self.metadata.n_imgs, self.metadata.n_patches_per_img)
+        write_atomic(self.dpath / LABELS_FNAME, labels_NP.astype(np.uint8).tobytes())
+
+    def publish(self):
+        """Mark the directory complete, after checking every shard."""
+        for shard_i in range(self.metadata.n_shards):
+            if not self.is_complete(shard_i):
+                raise ShardError(f"cannot publish: {self.dpath / shard_fname(shard_i)} incomplete")
+        has_labels = (self.dpath / LABELS_FNAME).exists()
+        assert has_labels == (self.metadata.protocol == PROTOCOL_WITH_LABELS)
+        listing = [
+            {"name": shard_fname(i), "n_imgs": self.metadata.shard_n_imgs(i)}
+            for i in range(self.metadata.n_shards)
+        ]
+        write_atomic(self.dpath / SHARDS_FNAME, (json.dumps(listing, indent=2) + "\n").encode())
+
+
+class ShardReader:
+    """Validated, memory-mapped read access to a complete shard directory."""
+
+    def __init__(self, dpath: pathlib.Path):
+        self.dpath = pathlib.Path(dpath)
+        self.metadata = Metadata.load(self.dpath)
+        if self.metadata.hash != self.dpath.name:
+            raise ShardError(
+                f"{self.dpath / METADATA_FNAME} hashes to {self.metadata.hash}, "
+                f"not to its directory name {self.dpath.name}"
+            )
+        listing_fpath = self.dpath / SHARDS_FNAME
+        if not listing_fpath.exists():
+            raise ShardError(f"{listing_fpath} does not exist: the dump is incomplete")
+        listing = json.loads(listing_fpath.read_text())
+        expected = [
+            {"name": shard_fname(i), "n_imgs": self.metadata.shard_n_imgs(i)}
+            for i in range(self.metadata.n_shards)
+        ]
+        if listing != expected:
+            raise ShardError(
+                f"{listing_fpath} does not match {METADATA_FNAME}: expected {expected}"
+            )
+        for entry in listing:
+            fpath = self.dpath / entry["name"]
+            if not fpath.exists():
+                raise ShardError(f"shard file {fpath} is missing")
+            size = fpath.stat().st_size
+            if size != self.metadata.shard_nbytes:
+                raise ShardError(
+                    f"shard file {fpath} has {size} bytes, expected {self.metadata.shard_nbytes}"
+                )
+        self._mmaps: dict[int, np.memmap] = {}
+
+    @property
+    def n_imgs(self) -> int:
+        return self.metadata.n_imgs
+
+    def shard(self, shard_i: int) -> np.memmap:
+        """Shard `shard_i` as a read-only (S, L, T, D) memory map (only its first rows count)."""
+        if shard_i not in self._mmaps:
+            self._mmaps[shard_i] = np.memmap(
+                self.dpath / shard_fname(shard_i),
+                dtype="<f4",
+                mode="r",
+                shape=self.metadata.shard_shape,
+            )
+        return self._mmaps[shard_i]
+
+    def token_slice(self, tokens: str) -> slice:
+        """Which stored tokens a token kind selects: `patches`, `cls` or `all`."""
+        has_cls = int(self.metadata.cls_token)
+        if tokens == "patches":
+            return slice(has_cls, None)
+        if tokens == "all":
+            return slice(None)
+        if tokens == "cls":
+            if not has_cls:
+                raise ShardError(f"{self.dpath} has no [CLS] token; use tokens 'patches'")
+            return slice(0, 1)
+        raise ValueError(f"tokens must be 'patches', 'cls' or 'all', got {tokens!r}")
+
+    def iter_images(self, layer: int, tokens: str, start: int = 0, stop: int | None = None):
+        """Yield (first image index, acts (n, T', D)) per shard, in disk order."""
+        layer_i = self.metadata.layer_index(layer)
+        tok = self.token_slice(tokens)
+        stop = self.n_imgs if stop is None else stop
+        S = self.metadata.n_imgs_per_shard
+        for shard_i in range(start // S, -(-stop // S)):
+            lo, hi = max(start, shard_i * S), min(stop, (shard_i + 1) * S)
+            rows = self.shard(shard_i)[lo - shard_i * S : hi - shard_i * S, layer_i, tok]
+            yield lo, rows
+
+    def labels(self) -> np.ndarray | None:
+        """Per-patch labels (n_imgs, P) when the dump recorded them."""
+        fpath = self.dpath / LABELS_FNAME
+        if not fpath.exists():
+            return None
+        shape = (self.n_imgs, self.metadata.n_patches_per_img)
+        return np.memmap(fpath, dtype=np.uint8, mode="r", shape=shape)

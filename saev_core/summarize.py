@@ -1,0 +1,73 @@
+"""Gather a sweep's metrics into one table and plot L0 against normalised MSE.
+
+Run as `python -m saev_core.summarize --sweep-json '{...}' --metrics-fpaths a.json b.json ...
+--out-csv-fpath summary.csv --out-parquet-fpath summary.parquet --out-plot-fpath pareto.png`.
+"""
+
+import argparse
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+
+
+def table(
+    saes: dict[str, dict], metrics: dict[str, dict], sae_group: dict[str, str]
+) -> pl.DataFrame:
+    """One row per SAE: id, group, its configuration and its metrics."""
+    rows = [
+        {"sae": sae_id, "group": sae_group[sae_id], **saes[sae_id], **metrics[sae_id]}
+        for sae_id in sorted(saes)
+    ]
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def pareto_front(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows no other row beats on both L0 and normalised MSE (lower is better for each)."""
+    ordered = df.sort(["l0", "normalized_mse"])
+    keep, best = [], float("inf")
+    for nmse in ordered["normalized_mse"]:
+        keep.append(nmse < best)
+        best = min(best, nmse)
+    return ordered.filter(pl.Series(keep))
+
+
+def plot(df: pl.DataFrame, out_fpath: pathlib.Path):
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for (layer,), sub in df.group_by(["layer"], maintain_order=True):
+        points = ax.scatter(sub["l0"], sub["normalized_mse"], label=f"layer {layer}", alpha=0.8)
+        front = pareto_front(sub)
+        ax.plot(front["l0"], front["normalized_mse"], color=points.get_facecolor()[0], lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (latents firing per token)")
+    ax.set_ylabel("normalised MSE")
+    ax.set_title("Sparsity vs reconstruction (lines: Pareto frontier)")
+    ax.legend()
+    fig.savefig(out_fpath, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--sweep-json", required=True, help='{"saes": {id: cfg}, "groups": {id: group}}'
+    )
+    parser.add_argument("--metrics-fpaths", type=pathlib.Path, nargs="+", required=True)
+    parser.add_argument("--out-csv-fpath", type=pathlib.Path, required=True)
+    parser.add_argument("--out-parquet-fpath", type=pathlib.Path, required=True)
+    parser.add_argument("--out-plot-fpath", type=pathlib.Path, required=True)
+    args = parser.parse_args(argv)
+    sweep = json.loads(args.sweep_json)
+    metrics = {fpath.parent.name: json.loads(fpath.read_text()) for fpath in args.metrics_fpaths}
+    df = table(sweep["saes"], metrics, sweep["sae_group"])
+    df.write_csv(args.out_csv_fpath)
+    df.write_parquet(args.out_parquet_fpath)
+    plot(df, args.out_plot_fpath)
+
+
+if __name__ == "__main__":
+    main()

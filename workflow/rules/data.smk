@@ -1,0 +1,17 @@
+rule synthetic_dataset:
+    """Generate the planted-concept image set, deterministic from its seed."""
+    output:
+        directory("results/datasets/{dataset}"),
+    log:
+        "results/logs/synthetic_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/synthetic_dataset/{dataset}.tsv"
+    conda:
+        "../../envs/saev.yaml"
+    params:
+        n_imgs=lambda wc: config["datasets"][wc.dataset]["n_imgs"],
+        img_size=lambda wc: config["datasets"][wc.dataset]["img_size"],
+        seed=lambda wc: config["datasets"][wc.dataset]["seed"],
+    shell:
+        "python -m saev_core.synthetic --out-dpath {output} --n-imgs {params.n_imgs}"
+        " --img-size {params.img_size} --seed {params.seed} > {log} 2>&1"

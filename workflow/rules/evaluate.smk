@@ -1,0 +1,62 @@
+rule evaluate_sae:
+    """Reconstruction and sparsity metrics of one SAE on the sweep's evaluation activations."""
+    input:
+        group=get_group_dpath,
+        shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].eval_shards),
+    output:
+        "results/{sweep}/saes/{sae}/metrics.json",
+    log:
+        "results/logs/evaluate_sae/{sweep}/{sae}.log",
+    benchmark:
+        "results/benchmarks/evaluate_sae/{sweep}/{sae}.tsv"
+    conda:
+        "../../envs/saev.yaml"
+    params:
+        shards_dpath=lambda wc, input: os.path.dirname(input.shards),
+        device=DEVICE,
+    shell:
+        "python -m saev_core.evaluate --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
+        " --shards-dpath {params.shards_dpath:q} --out-fpath {output:q}"
+        " --device {params.device} > {log} 2>&1"
+
+
+rule summarize_sweep:
+    """One table row per SAE and the L0-vs-MSE Pareto plot."""
+    input:
+        lambda wc: expand(
+            "results/{sweep}/saes/{sae}/metrics.json",
+            sweep=wc.sweep,
+            sae=sorted(PLAN.sweeps[wc.sweep].saes),
+        ),
+    output:
+        csv=report(
+            "results/{sweep}/summary.csv",
+            caption="../report/summary.rst",
+            category="Sweep summary",
+            subcategory="{sweep}",
+        ),
+        parquet="results/{sweep}/summary.parquet",
+        plot=report(
+            "results/{sweep}/pareto.png",
+            caption="../report/pareto.rst",
+            category="Sweep summary",
+            subcategory="{sweep}",
+        ),
+    log:
+        "results/logs/summarize_sweep/{sweep}.log",
+    benchmark:
+        "results/benchmarks/summarize_sweep/{sweep}.tsv"
+    conda:
+        "../../envs/saev.yaml"
+    params:
+        sweep=lambda wc: json.dumps(
+            {
+                "saes": PLAN.sweeps[wc.sweep].saes,
+                "sae_group": PLAN.sweeps[wc.sweep].sae_group,
+            },
+            sort_keys=True,
+        ),
+    shell:
+        "python -m saev_core.summarize --sweep-json {params.sweep:q} --metrics-fpaths {input:q}"
+        " --out-csv-fpath {output.csv:q} --out-parquet-fpath {output.parquet:q}"
+        " --out-plot-fpath {output.plot:q} > {log} 2>&1"

@@ -1,0 +1,20 @@
+rule train_group:
+    """Train every SAE of one sweep group on the same batches, in one job."""
+    input:
+        lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
+    output:
+        directory("results/{sweep}/groups/{group}"),
+    log:
+        "results/logs/train_group/{sweep}/{group}.log",
+    benchmark:
+        "results/benchmarks/train_group/{sweep}/{group}.tsv"
+    conda:
+        "../../envs/saev.yaml"
+    params:
+        group=get_group_json,
+        shards_dpath=lambda wc, input: os.path.dirname(input[0]),
+        device=DEVICE,
+    shell:
+        "python -m saev_core.train --group-json {params.group:q}"
+        " --shards-dpath {params.shards_dpath:q} --out-dpath {output:q}"
+        " --device {params.device} > {log} 2>&1"
