@@ -14,7 +14,9 @@ import pathlib
 from . import datasets, shards
 
 RESULTS_DPATH = "results"
-SCHEMA_FPATH = pathlib.Path(__file__).parent.parent / "workflow" / "schemas" / "experiments.schema.yaml"
+SCHEMA_FPATH = (
+    pathlib.Path(__file__).parent.parent / "workflow" / "schemas" / "experiments.schema.yaml"
+)
 # What decides the stream of training batches: SAEs that agree on these share one job.
 STREAM_KEYS = ("shards", "layer", "tokens", "batch_size", "n_train", "seed")
 

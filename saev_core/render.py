@@ -154,7 +154,7 @@ def write_grid(out_dpath: pathlib.Path, summaries: list[dict], grid_fpath: pathl
             fontsize=8,
         )
     fig.tight_layout()
-    fig.savefig(grid_fpath, dpi=100)
+    fig.savefig(grid_fpath, dpi=72)
     plt.close(fig)
 
 

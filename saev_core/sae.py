@@ -130,13 +130,13 @@ def load(fpath: pathlib.Path, device: str | torch.device = "cpu") -> SparseAutoe
     """Load a checkpoint in the saev layout (ours, or saev's schema-1 ReLU SAEs)."""
     with open(fpath, "rb") as fd:
         header = json.loads(fd.readline().decode())
+        if header.get("schema") != SCHEMA:
+            raise ValueError(
+                f"{fpath}: checkpoint schema must be {SCHEMA}, got {header.get('schema')!r}"
+            )
+        if header.get("cls") != "SparseAutoencoder":
+            raise ValueError(f"{fpath}: unknown checkpoint class {header.get('cls')!r}")
         state = torch.load(io.BytesIO(fd.read()), weights_only=True, map_location=device)
-    if header.get("schema") != SCHEMA:
-        raise ValueError(
-            f"{fpath}: checkpoint schema must be {SCHEMA}, got {header.get('schema')!r}"
-        )
-    if header.get("cls") != "SparseAutoencoder":
-        raise ValueError(f"{fpath}: unknown checkpoint class {header.get('cls')!r}")
     fields = {f.name for f in dataclasses.fields(SaeConfig)}
     cfg = SaeConfig(**{k: v for k, v in header["cfg"].items() if k in fields})
     sae = SparseAutoencoder(cfg)

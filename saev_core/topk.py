@@ -52,9 +52,7 @@ def top_k(
     n_vectors = 0
     for start, rows in reader.iter_images(layer, tokens):
         for lo in range(0, len(rows), imgs_per_chunk):
-            x_NTD = torch.from_numpy(np.ascontiguousarray(rows[lo : lo + imgs_per_chunk])).to(
-                device
-            )
+            x_NTD = torch.from_numpy(np.array(rows[lo : lo + imgs_per_chunk])).to(device)
             N, T, D = x_NTD.shape
             f_x_NTF = model.encode(x_NTD.reshape(N * T, D)).reshape(N, T, F)
             fires_F += (f_x_NTF > 0).sum(dim=(0, 1))

@@ -29,14 +29,8 @@ rule render_features:
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
         dataset=lambda wc: get_dataset_input(PLAN.sweeps[wc.sweep].dataset),
     output:
-        browser=report(
-            directory("results/{sweep}/saes/{sae}/features"),
-            htmlindex="index.html",
-            caption="../report/browser.rst",
-            category="Features",
-            subcategory="{sweep}",
-            labels={"SAE": "{sae}", "view": "feature browser"},
-        ),
+        # Not in the HTML report: a pure-HTML report cannot hold a directory (a .zip one can).
+        browser=directory("results/{sweep}/saes/{sae}/features"),
         grid=report(
             "results/{sweep}/saes/{sae}/grid.png",
             caption="../report/grid.rst",

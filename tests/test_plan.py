@@ -1,0 +1,116 @@
+"""Sweeps expand into SAEs with stable ids, grouped by data stream; bad configs name the key."""
+
+import copy
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from saev_core import plan
+
+REPO = pathlib.Path(__file__).parent.parent
+CONFIG_FPATH = REPO / "config" / "experiments.yaml"
+
+
+@pytest.fixture()
+def config():
+    return plan.load_config(CONFIG_FPATH)
+
+
+def test_expand_grid_lists_and_alternatives():
+    grid = [{"a": [1, 2], "b": "x"}, {"a": 3, "c": [True, False]}]
+    assert plan.expand_grid(grid) == [
+        {"a": 1, "b": "x"},
+        {"a": 2, "b": "x"},
+        {"a": 3, "c": True},
+        {"a": 3, "c": False},
+    ]
+
+
+def test_embedded_default_has_two_groups_of_four(config):
+    sweep = plan.make_plan(config).sweeps["tiny-synthetic"]
+    assert len(sweep.saes) == 8
+    assert sorted(len(g.sae_ids) for g in sweep.groups.values()) == [4, 4]
+    for group in sweep.groups.values():
+        kinds = sorted(sweep.saes[s]["activation"] for s in group.sae_ids)
+        assert kinds == ["relu", "relu", "topk", "topk"]
+        assert len({sweep.saes[s]["layer"] for s in group.sae_ids}) == 1
+
+
+def test_ids_do_not_depend_on_yaml_order(config):
+    reordered = copy.deepcopy(config)
+    sweep_cfg = reordered["sweeps"]["tiny-synthetic"]
+    sweep_cfg["saes"] = list(reversed(sweep_cfg["saes"]))
+    sweep_cfg["train"][0] = dict(reversed(list(sweep_cfg["train"][0].items())))
+    sweep_cfg["train"][0]["layer"] = list(reversed(sweep_cfg["train"][0]["layer"]))
+    a = plan.make_plan(config).sweeps["tiny-synthetic"]
+    b = plan.make_plan(reordered).sweeps["tiny-synthetic"]
+    assert a.saes == b.saes and a.groups == b.groups
+
+
+def test_cap_splits_groups(config):
+    config["sweeps"]["tiny-synthetic"]["max_saes_per_group"] = 3
+    sweep = plan.make_plan(config).sweeps["tiny-synthetic"]
+    assert sorted(len(g.sae_ids) for g in sweep.groups.values()) == [1, 1, 3, 3]
+
+
+def test_one_value_changes_one_group(config):
+    before = plan.make_plan(config).sweeps["tiny-synthetic"]
+    sweep_cfg = config["sweeps"]["tiny-synthetic"]
+    base = sweep_cfg["train"][0]
+    sweep_cfg["train"] = [{**base, "layer": -2}, {**base, "layer": -1, "lr": 0.001}]
+    after = plan.make_plan(config).sweeps["tiny-synthetic"]
+    assert len(set(before.groups) & set(after.groups)) == 1
+
+
+def test_shard_hash_ignores_execution_settings(config):
+    a = plan.make_plan(config).activations
+    config["activations"]["tiny-synthetic-train"]["batch_size"] = 7
+    config["activations"]["tiny-synthetic-train"]["n_workers"] = 3
+    assert plan.make_plan(config).activations == a
+    config["activations"]["tiny-synthetic-train"]["max_patches_per_shard"] = 130 * 32
+    assert plan.make_plan(config).activations["tiny-synthetic-train"] != a["tiny-synthetic-train"]
+
+
+def test_unrecorded_layer_is_a_plan_error(config):
+    config["sweeps"]["tiny-synthetic"]["train"][0]["layer"] = [-3]
+    with pytest.raises(
+        plan.PlanError, match=r"sweeps.tiny-synthetic.train.layer: layer -3 is not recorded"
+    ):
+        plan.make_plan(config)
+
+
+def test_unknown_model_is_a_plan_error(config):
+    config["activations"]["tiny-synthetic-train"]["model"] = "nope"
+    with pytest.raises(
+        plan.PlanError, match=r"activations.tiny-synthetic-train.model: 'nope' is not defined"
+    ):
+        plan.make_plan(config)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            lambda c: c["sweeps"]["tiny-synthetic"]["train"][0].update(lrr=0.1),
+            "'lrr' was unexpected",
+        ),
+        (lambda c: c["models"]["tiny"].update(family="vgg"), "'vgg' is not one of"),
+        (lambda c: c["sweeps"]["tiny-synthetic"]["saes"][1].pop("k"), "'k' is a required property"),
+    ],
+)
+def test_snakemake_dry_run_rejects_bad_config_naming_the_key(tmp_path, edit, expected):
+    config = yaml.safe_load(CONFIG_FPATH.read_text())
+    edit(config)
+    bad_fpath = tmp_path / "bad.yaml"
+    bad_fpath.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad_fpath)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr

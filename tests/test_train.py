@@ -1,0 +1,100 @@
+"""Group training lowers reconstruction error; checkpoints use the saev layout."""
+
+import io
+import json
+
+import pytest
+import torch
+from conftest import group_spec
+
+from saev_core import evaluate, sae, shards, train
+
+
+def test_group_training_lowers_error_from_initialisation(shards_dpath, trained_dpath):
+    reader = shards.ShardReader(shards_dpath)
+    for sae_id in ("relu", "topk"):
+        trained, train_cfg = sae.load_trained(trained_dpath / sae_id / "sae.pt")
+        initial = sae.SparseAutoencoder(train.sae_config(64, train_cfg))
+        initial.b_dec.data = trained.b_dec.data.clone() * 0  # initial b_dec is zero before step 0
+        before = evaluate.evaluate(initial, reader, -1, "patches")
+        after = evaluate.evaluate(trained, reader, -1, "patches")
+        assert after["normalized_mse"] < 0.7 * before["normalized_mse"], sae_id
+    log = (trained_dpath / "relu" / "train_log.csv").read_text().splitlines()
+    assert log[0] == "step,loss,mse,l0,l1,lr"
+    assert len(log) > 3
+
+
+def test_group_members_see_the_same_batches(shards_dpath, tmp_path):
+    """Training an SAE alone or inside a group gives the same weights."""
+    alone = train.train_group(
+        group_spec(n_train=256 * 5, a={"activation": "topk", "k": 4}),
+        shards_dpath,
+        tmp_path / "alone",
+    )["a"]
+    grouped = train.train_group(
+        group_spec(
+            n_train=256 * 5,
+            a={"activation": "topk", "k": 4},
+            b={"activation": "relu", "sparsity_coeff": 0.1},
+        ),
+        shards_dpath,
+        tmp_path / "grouped",
+    )["a"]
+    for name, param in alone.state_dict().items():
+        torch.testing.assert_close(param, grouped.state_dict()[name])
+
+
+def test_decoder_rows_stay_unit_norm(trained_dpath):
+    model = sae.load(trained_dpath / "relu" / "sae.pt")
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(model.cfg.d_sae))
+
+
+def test_topk_keeps_k_latents():
+    model = sae.SparseAutoencoder(sae.SaeConfig(d_vit=16, exp_factor=4, activation="topk", k=3))
+    f_x = model.encode(torch.randn(10, 16))
+    assert ((f_x > 0).sum(dim=1) <= 3).all()
+
+
+def test_checkpoint_layout_and_round_trip(trained_dpath):
+    fpath = trained_dpath / "topk" / "sae.pt"
+    with open(fpath, "rb") as fd:
+        header = json.loads(fd.readline())
+        state = torch.load(io.BytesIO(fd.read()), weights_only=True)
+    assert header["schema"] == 1 and header["cls"] == "SparseAutoencoder"
+    assert header["cfg"]["activation"] == "topk" and header["cfg"]["k"] == 8
+    assert set(state) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert state["W_enc"].shape == (64, 256) and state["W_dec"].shape == (256, 64)
+    model = sae.load(fpath)
+    torch.testing.assert_close(model.W_enc.detach(), state["W_enc"])
+
+
+def test_hand_written_saev_checkpoint_loads(tmp_path):
+    """A schema-1 ReLU checkpoint as saev writes it (extra cfg fields are ignored)."""
+    d_vit, exp_factor = 8, 2
+    state = {
+        "W_enc": torch.randn(d_vit, d_vit * exp_factor),
+        "b_enc": torch.randn(d_vit * exp_factor),
+        "W_dec": torch.randn(d_vit * exp_factor, d_vit),
+        "b_dec": torch.randn(d_vit),
+    }
+    header = {
+        "schema": 1,
+        "cls": "SparseAutoencoder",
+        "cfg": {"d_vit": d_vit, "exp_factor": exp_factor, "n_reinit_samples": 0, "seed": 0},
+        "commit": "unknown",
+        "lib": "0.1",
+    }
+    fpath = tmp_path / "sae.pt"
+    with open(fpath, "wb") as fd:
+        fd.write((json.dumps(header) + "\n").encode())
+        torch.save(state, fd)
+    model = sae.load(fpath)
+    assert model.cfg.activation == "relu" and model.cfg.d_sae == 16
+    torch.testing.assert_close(model.b_dec.detach(), state["b_dec"])
+
+
+def test_unknown_checkpoint_schema_is_rejected(tmp_path):
+    fpath = tmp_path / "sae.pt"
+    fpath.write_bytes(b'{"schema": 7, "cls": "SparseAutoencoder", "cfg": {}}\n')
+    with pytest.raises(ValueError, match="checkpoint schema must be 1, got 7"):
+        sae.load(fpath)

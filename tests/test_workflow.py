@@ -1,0 +1,135 @@
+"""End to end: the Snakemake workflow on a small synthetic config, in a temporary directory."""
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).parent.parent
+
+CONFIG = {
+    "shards_dpath": "results/shards",
+    "device": "cpu",
+    "datasets": {
+        "train": {"kind": "synthetic", "n_imgs": 32, "img_size": 64, "seed": 0},
+        "val": {"kind": "synthetic", "n_imgs": 16, "img_size": 64, "seed": 1},
+    },
+    "models": {
+        "tiny": {
+            "family": "tiny",
+            "ckpt": "vit-tiny-p8-64",
+            "d_vit": 64,
+            "n_patches_per_img": 64,
+            "cls_token": True,
+        }
+    },
+    "activations": {
+        "train": {"model": "tiny", "dataset": "train", "layers": [-2, -1], "max_patches_per_shard": 130 * 12},
+        "val": {"model": "tiny", "dataset": "val", "layers": [-2, -1], "max_patches_per_shard": 130 * 12},
+    },
+    "sweeps": {
+        "s": {
+            "train_activations": "train",
+            "eval_activations": "val",
+            "train": [
+                {"layer": -2, "n_train": 2048, "batch_size": 256, "lr": 0.003, "exp_factor": 4},
+                {"layer": -1, "n_train": 2048, "batch_size": 256, "lr": 0.003, "exp_factor": 4},
+            ],
+            "saes": [
+                {"activation": "relu", "sparsity_coeff": 0.01},
+                {"activation": "topk", "k": [4, 8]},
+            ],
+            "top_k": 4,
+            "render": {"n_latents": 3},
+        }
+    },
+}
+
+
+def snakemake(workdir: pathlib.Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+        + ["--configfile", str(workdir / "experiments.yaml"), "--cores", "2", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    stats = dry_run_output.split("Job stats:")[1].split("Reasons:")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "total"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    (workdir / "experiments.yaml").write_text(yaml.safe_dump(CONFIG))
+    snakemake(workdir, "all")
+    return workdir
+
+
+def test_run_leaves_what_users_open(workdir):
+    results = workdir / "results"
+    shard_dpaths = sorted((results / "shards").iterdir())
+    assert len(shard_dpaths) == 2
+    for dpath in shard_dpaths:
+        md = json.loads((dpath / "metadata.json").read_text())
+        canonical = json.dumps(md, sort_keys=True, separators=(",", ":")).encode()
+        assert hashlib.sha256(canonical).hexdigest() == dpath.name
+        assert (dpath / "shards.json").exists()
+
+    checkpoints = sorted(results.glob("s/groups/*/*/sae.pt"))
+    assert len(checkpoints) == 6
+    assert len(list(results.glob("s/groups/*"))) == 2
+    summary = pl.read_csv(results / "s" / "summary.csv")
+    assert sorted(summary["sae"]) == sorted(p.parent.name for p in checkpoints)
+    assert set(summary["layer"]) == {-2, -1}
+    assert (summary["explained_variance"] > 0).all()
+    for sae_id in summary["sae"]:
+        sae_dpath = results / "s" / "saes" / sae_id
+        metrics = json.loads((sae_dpath / "metrics.json").read_text())
+        assert metrics["n_vectors"] == 16 * 64
+        assert (sae_dpath / "features" / "index.html").exists()
+        assert list((sae_dpath / "features" / "latents").glob("*/000.png"))
+        assert (sae_dpath / "grid.png").stat().st_size > 0
+    assert (results / "s" / "pareto.png").stat().st_size > 0
+
+
+def test_second_run_has_nothing_to_do(workdir):
+    assert "Nothing to be done" in snakemake(workdir, "-n", "all")
+
+
+def test_editing_one_value_reruns_only_its_group(workdir):
+    edited = json.loads(json.dumps(CONFIG))
+    edited["sweeps"]["s"]["train"][1]["lr"] = 0.001
+    (workdir / "experiments.yaml").write_text(yaml.safe_dump(edited))
+    try:
+        counts = job_counts(snakemake(workdir, "-n", "all"))
+    finally:
+        (workdir / "experiments.yaml").write_text(yaml.safe_dump(CONFIG))
+    assert counts == {
+        "train_group": 1,
+        "evaluate_sae": 3,
+        "topk_images": 3,
+        "render_features": 3,
+        "summarize_sweep": 1,
+        "all": 1,
+    }
+
+
+def test_report_builds_offline(workdir):
+    snakemake(workdir, "--report", "report.html")
+    html = (workdir / "report.html").read_text()
+    assert "pareto.png" in html and "Sweep summary" in html
