@@ -31,8 +31,18 @@ CONFIG = {
         }
     },
     "activations": {
-        "train": {"model": "tiny", "dataset": "train", "layers": [-2, -1], "max_patches_per_shard": 130 * 12},
-        "val": {"model": "tiny", "dataset": "val", "layers": [-2, -1], "max_patches_per_shard": 130 * 12},
+        "train": {
+            "model": "tiny",
+            "dataset": "train",
+            "layers": [-2, -1],
+            "max_patches_per_shard": 130 * 12,
+        },
+        "val": {
+            "model": "tiny",
+            "dataset": "val",
+            "layers": [-2, -1],
+            "max_patches_per_shard": 130 * 12,
+        },
     },
     "sweeps": {
         "s": {
@@ -56,7 +66,15 @@ CONFIG = {
 def snakemake(workdir: pathlib.Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(workdir),
+        ]
         + ["--configfile", str(workdir / "experiments.yaml"), "--cores", "2", *args],
         capture_output=True,
         text=True,
@@ -69,7 +87,9 @@ def snakemake(workdir: pathlib.Path, *args: str) -> str:
 
 def job_counts(dry_run_output: str) -> dict[str, int]:
     stats = dry_run_output.split("Job stats:")[1].split("Reasons:")[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "total"}
+    return {
+        m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "total"
+    }
 
 
 @pytest.fixture(scope="module")
