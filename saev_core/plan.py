@@ -177,11 +177,17 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
 def load_config(fpath: pathlib.Path) -> dict:
     """Read an experiments YAML and validate it, filling the schema's defaults, as Snakemake does."""
     import yaml
-    from snakemake.utils import validate
 
     config = yaml.safe_load(pathlib.Path(fpath).read_text())
-    validate(config, str(SCHEMA_FPATH))
+    validate_config(config)
     return config
+
+
+def validate_config(config: dict):
+    """Check `config` against the schema, filling its defaults in place."""
+    from snakemake.utils import validate
+
+    validate(config, str(SCHEMA_FPATH))
 
 
 def make_plan(config: dict) -> Plan:

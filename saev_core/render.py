@@ -76,7 +76,9 @@ def overlay(img: Image.Image, heat_P: np.ndarray, vmax: float) -> Image.Image:
     colour = plt.get_cmap("inferno")(heat_px)[..., :3] * 255
     alpha = (0.6 * heat_px)[..., None]
     # Dim what the latent ignores so the patches it fires on stand out.
-    base = np.asarray(square_crop(img, THUMB_PX), dtype=np.float64) * (0.7 + 0.3 * heat_px[..., None])
+    base = np.asarray(square_crop(img, THUMB_PX), dtype=np.float64) * (
+        0.7 + 0.3 * heat_px[..., None]
+    )
     return Image.fromarray((base * (1 - alpha) + colour * alpha).astype(np.uint8))
 
 

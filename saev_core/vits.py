@@ -1,7 +1,8 @@
 """Vision transformers whose residual stream we record (SPEC §4).
 
 Families: `tiny` (a small randomly initialised open_clip ViT built locally, for the embedded
-default, tests and CI) and `clip` (open_clip checkpoints such as `ViT-B-16/openai`). Activations
+default, tests and CI), `clip` and `siglip` (open_clip checkpoints such as `ViT-B-16/openai` or
+`hf-hub:timm/ViT-L-16-SigLIP2-256`). Activations
 are the outputs of the requested residual blocks, captured with forward hooks, [CLS] first.
 
 Shape key: B = batch, L = recorded layers, T = tokens ([CLS] + patches), D = d_vit.
@@ -92,36 +93,58 @@ def build_tiny(ckpt: str) -> tuple[VisionTransformer, transforms.Compose]:
     return vit.eval(), transform
 
 
-def build_clip(ckpt: str) -> tuple[VisionTransformer, transforms.Compose]:
-    """An open_clip vision tower: `ARCH/PRETRAINED` (e.g. `ViT-B-16/openai`) or `hf-hub:ORG/NAME`."""
+def parse_open_clip_ckpt(ckpt: str) -> tuple[str, str | None]:
+    """`ARCH/PRETRAINED` (e.g. `ViT-B-16/openai`) or `hf-hub:ORG/NAME` -> open_clip arguments."""
+    if ckpt.startswith("hf-hub:"):
+        return ckpt, None
+    if "/" in ckpt:
+        arch, pretrained = ckpt.split("/", 1)
+        return arch, pretrained
+    raise ValueError(
+        f"open_clip ckpt must look like 'ViT-B-16/openai' or 'hf-hub:ORG/NAME', not {ckpt!r}"
+    )
+
+
+def build_open_clip(
+    ckpt: str, pretrained: bool = True
+) -> tuple[torch.nn.Module, transforms.Compose]:
+    """An open_clip vision tower (CLIP or SigLIP) and its transform.
+
+    `pretrained=False` builds the same architecture with random weights (tests, no download).
+    """
     import open_clip
 
-    if ckpt.startswith("hf-hub:"):
-        arch, pretrained = ckpt, None
-    elif "/" in ckpt:
-        arch, pretrained = ckpt.split("/", 1)
-    else:
-        raise ValueError(
-            f"clip ckpt must look like 'ViT-B-16/openai' or 'hf-hub:ORG/NAME', not {ckpt!r}"
-        )
+    arch, tag = parse_open_clip_ckpt(ckpt)
     try:
-        model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        model, _, transform = open_clip.create_model_and_transforms(
+            arch, pretrained=tag if pretrained else None
+        )
     except Exception as err:
         raise RuntimeError(
             f"could not load open_clip checkpoint {ckpt!r} ({err}). Without network access the "
             "weights must already be cached: download them once on a machine with network "
             '(e.g. `python -c "import open_clip; open_clip.create_model_and_transforms('
-            f"'{arch}', pretrained={pretrained!r})\"`) with HF_HOME pointing at a shared cache."
+            f"'{arch}', pretrained={tag!r})\"`) with HF_HOME pointing at a shared cache."
         ) from err
     return model.visual.eval(), transform
 
 
-def load(family: str, ckpt: str, layers: list[int]) -> tuple[Recorder, transforms.Compose]:
+def residual_blocks(visual: torch.nn.Module) -> torch.nn.ModuleList:
+    """open_clip's own ViTs keep blocks in `transformer.resblocks`; timm-backed towers (SigLIP)
+    in `trunk.blocks`."""
+    if hasattr(visual, "transformer"):
+        return visual.transformer.resblocks
+    return visual.trunk.blocks
+
+
+def load(
+    family: str, ckpt: str, layers: list[int], pretrained: bool = True
+) -> tuple[Recorder, transforms.Compose]:
     """A Recorder for `layers` of the named model, and the transform its images need."""
     if family == "tiny":
         vit, transform = build_tiny(ckpt)
-    elif family == "clip":
-        vit, transform = build_clip(ckpt)
+    elif family in ("clip", "siglip"):
+        vit, transform = build_open_clip(ckpt, pretrained)
     else:
-        raise ValueError(f"vit family must be 'tiny' or 'clip', got {family!r}")
-    return Recorder(vit, vit.transformer.resblocks, layers), transform
+        raise ValueError(f"vit family must be 'tiny', 'clip' or 'siglip', got {family!r}")
+    return Recorder(vit, residual_blocks(vit), layers), transform

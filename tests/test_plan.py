@@ -2,6 +2,7 @@
 
 import copy
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -114,3 +115,14 @@ def test_snakemake_dry_run_rejects_bad_config_naming_the_key(tmp_path, edit, exp
     )
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
+
+
+def test_commented_cluster_experiments_are_valid_when_enabled():
+    """Uncommenting every `# key: value` line of the shipped config gives a schema-valid config."""
+    lines = [
+        re.sub(r"^(\s+)# (\s*(?:- )?[\w-]+:.*)$", r"\1\2", line)
+        for line in CONFIG_FPATH.read_text().splitlines()
+    ]
+    config = yaml.safe_load("\n".join(lines))
+    assert {"clip-b16-imagenet", "siglip2-inat21"} <= set(config["sweeps"])
+    plan.validate_config(config)
