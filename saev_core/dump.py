@@ -51,10 +51,36 @@ def dump(
     out_dpath = pathlib.Path(shards_dpath) / metadata.hash
     writer = shards.ShardWriter(out_dpath, metadata)
     first_shard = writer.first_incomplete_shard()
-    S = metadata.n_imgs_per_shard
     if first_shard > 0:
         logger.info("resuming %s at shard %d of %d", out_dpath, first_shard, metadata.n_shards)
 
+    if first_shard < metadata.n_shards:
+        write_shards(metadata, dataset, writer, first_shard, batch_size, n_workers, device)
+    if dataset.has_masks:
+        labels_NP = np.stack(
+            [
+                datasets.patch_labels(
+                    dataset.mask(i), metadata.n_patches_per_img, len(dataset.concepts)
+                )
+                for i in range(metadata.n_imgs)
+            ]
+        )
+        writer.write_labels(labels_NP)
+    writer.publish()
+    return out_dpath
+
+
+def write_shards(
+    metadata: shards.Metadata,
+    dataset,
+    writer: shards.ShardWriter,
+    first_shard: int,
+    batch_size: int,
+    n_workers: int,
+    device: str,
+):
+    """Run the ViT over the images from `first_shard` on and write each shard once it is full."""
+    S = metadata.n_imgs_per_shard
     torch_device = helpers.pick_device(device)
     recorder, transform = vits.load(metadata.vit_family, metadata.vit_ckpt, list(metadata.layers))
     recorder.to(torch_device)
@@ -76,19 +102,6 @@ def dump(
         n_done += len(idx_B)
         rate = n_done / (time.perf_counter() - t0)
         logger.info("%d/%d images, %.1f img/s", start + n_done, metadata.n_imgs, rate)
-
-    if dataset.has_masks:
-        labels_NP = np.stack(
-            [
-                datasets.patch_labels(
-                    dataset.mask(i), metadata.n_patches_per_img, len(dataset.concepts)
-                )
-                for i in range(metadata.n_imgs)
-            ]
-        )
-        writer.write_labels(labels_NP)
-    writer.publish()
-    return out_dpath
 
 
 def check_output(acts_BLTD: torch.Tensor, metadata: shards.Metadata, idx_B: torch.Tensor):
