@@ -12,6 +12,7 @@ Shape key: N = images, P = patches per image, D = d_vit, F = d_sae, K = top_k.
 
 import argparse
 import json
+import logging
 import math
 import pathlib
 
@@ -25,6 +26,7 @@ from PIL import Image  # noqa: E402
 
 from . import datasets, helpers, sae, shards, topk  # noqa: E402
 
+logger = logging.getLogger("render")
 THUMB_PX = 128
 TEMPLATE_FPATH = pathlib.Path(__file__).with_name("browser.html")
 
@@ -169,15 +171,17 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--dataset-json", required=True, help="dataset config (with root) as JSON")
     parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--grid-fpath", type=pathlib.Path, required=True)
-    parser.add_argument("--n-latents", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-latents", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    helpers.setup_logging()
     model, train_cfg = sae.load_trained(args.sae_fpath, helpers.pick_device(args.device))
     result = topk.load(args.topk_fpath)
     reader = shards.ShardReader(args.shards_dpath)
     dataset = datasets.load(json.loads(args.dataset_json))
     latents = select_latents(result, args.n_latents, args.seed)
+    logger.info("rendering %d latents: %s", len(latents), latents)
     summaries = render(model, result, reader, dataset, train_cfg["layer"], args.out_dpath, latents)
     md = reader.metadata
     title = f"SAE {args.sae_fpath.parent.name}: {md.vit_family} {md.vit_ckpt}, layer {train_cfg['layer']}"
