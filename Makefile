@@ -26,8 +26,8 @@ test: install
 	pytest -q tests $(ARGS)
 
 lint: install
-	ruff check saev_core tests
-	ruff format --check saev_core tests
+	ruff check saev_core tests benchmarks
+	ruff format --check saev_core tests benchmarks
 	snakefmt --check Snakefile workflow/rules
 	snakemake --lint
 

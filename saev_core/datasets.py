@@ -1,23 +1,63 @@
 """Image datasets (SPEC §3): every index yields the image, an integer target, a label and the index.
 
 Kept free of torch so the workflow can count images while it plans jobs. Dataset configs are the
-mappings under `datasets:` in `config/experiments.yaml`, with `kind` naming the class.
+mappings under `datasets:` in `config/experiments.yaml`, with `kind` naming the class. Datasets
+with per-pixel masks (`synthetic`, `ade20k`) also give per-patch labels for `labels.bin`.
 """
 
 import json
+import os
 import pathlib
 
 import numpy as np
 from PIL import Image
 
 IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# Each kind's configuration keys besides `kind`.
+KEYS = {
+    "synthetic": ("n_imgs", "img_size", "seed"),
+    "image-folder": ("root",),
+    "ade20k": ("root", "split"),
+    "imagenet": ("split",),
+}
+KINDS = tuple(KEYS)
+KINDS_WITH_MASKS = ("synthetic", "ade20k")
+# ADE20K scene parsing: 150 object classes plus 0, "other".
+ADE20K_N_CLASSES = 151
+IMAGENET_HF_NAME = "ILSVRC/imagenet-1k"
 
 
 class DatasetError(Exception):
     """A dataset's files are missing or malformed."""
 
 
-class SyntheticDataset:
+class Dataset:
+    """What every kind provides; kinds with masks set `has_masks` and define `mask` and `classes`."""
+
+    has_masks = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def image(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def target(self, i: int) -> int:
+        raise NotImplementedError
+
+    def label(self, i: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image": self.image(i),
+            "target": self.target(i),
+            "label": self.label(i),
+            "index": i,
+        }
+
+
+class SyntheticDataset(Dataset):
     """The generated set of planted concepts (see `saev_core.synthetic`), with per-pixel masks."""
 
     has_masks = True
@@ -28,7 +68,7 @@ class SyntheticDataset:
         if not index_fpath.exists():
             raise DatasetError(f"{index_fpath} does not exist; generate the synthetic set first")
         index = json.loads(index_fpath.read_text())
-        self.concepts: list[str] = index["concepts"]
+        self.classes: list[str] = index["concepts"]
         self.targets: list[int] = index["targets"]
 
     def __len__(self) -> int:
@@ -40,33 +80,23 @@ class SyntheticDataset:
     def mask(self, i: int) -> np.ndarray:
         return np.asarray(Image.open(self.root / "masks" / f"{i:06d}.png"))
 
+    def target(self, i: int) -> int:
+        return self.targets[i]
+
     def label(self, i: int) -> str:
-        return self.concepts[self.targets[i]]
-
-    def __getitem__(self, i: int) -> dict:
-        return {
-            "image": self.image(i),
-            "target": self.targets[i],
-            "label": self.label(i),
-            "index": i,
-        }
+        return self.classes[self.targets[i]]
 
 
-class ImageFolderDataset:
+class ImageFolderDataset(Dataset):
     """`root/<class>/<image>`; the label is the class folder's name, targets sorted by name."""
-
-    has_masks = False
 
     def __init__(self, root: str | pathlib.Path):
         self.root = pathlib.Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"image-folder root {self.root} is not a directory")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = class_folders(self.root)
         self.samples = [
-            (fpath, target)
+            (self.root / name / fname, target)
             for target, name in enumerate(self.classes)
-            for fpath in sorted((self.root / name).iterdir())
-            if fpath.suffix.lower() in IMG_SUFFIXES
+            for fname in sorted(image_fnames(self.root / name))
         ]
         if not self.samples:
             raise DatasetError(f"image-folder root {self.root} has no images in class folders")
@@ -77,38 +107,190 @@ class ImageFolderDataset:
     def image(self, i: int) -> Image.Image:
         return Image.open(self.samples[i][0]).convert("RGB")
 
+    def target(self, i: int) -> int:
+        return self.samples[i][1]
+
     def label(self, i: int) -> str:
         return self.classes[self.samples[i][1]]
 
-    def __getitem__(self, i: int) -> dict:
-        target = self.samples[i][1]
-        return {"image": self.image(i), "target": target, "label": self.label(i), "index": i}
+
+class Ade20kDataset(Dataset):
+    """ADE20K scene parsing (ADEChallengeData2016): `images/<split>/X.jpg`,
+    `annotations/<split>/X.png` (pixel value = class, 0 = other) and `sceneCategories.txt`
+    (`X scene` per line, the image's label)."""
+
+    has_masks = True
+
+    def __init__(self, root: str | pathlib.Path, split: str):
+        self.root = pathlib.Path(root)
+        self.img_dpath = self.root / "images" / split
+        self.mask_dpath = self.root / "annotations" / split
+        for dpath in (self.img_dpath, self.mask_dpath):
+            if not dpath.is_dir():
+                raise DatasetError(f"ade20k: {dpath} is not a directory (split {split!r})")
+        scenes_fpath = self.root / "sceneCategories.txt"
+        if not scenes_fpath.exists():
+            raise DatasetError(f"ade20k: {scenes_fpath} does not exist")
+        scene_of = dict(line.split() for line in scenes_fpath.read_text().splitlines() if line)
+        self.stems = sorted(pathlib.Path(fname).stem for fname in image_fnames(self.img_dpath))
+        missing = [stem for stem in self.stems if stem not in scene_of]
+        if missing:
+            raise DatasetError(f"ade20k: {scenes_fpath} has no scene for {missing[0]}")
+        self.scenes = sorted({scene_of[stem] for stem in self.stems})
+        self.targets = [self.scenes.index(scene_of[stem]) for stem in self.stems]
+        self.classes = ade20k_class_names(self.root)
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def image(self, i: int) -> Image.Image:
+        return Image.open(self.img_dpath / f"{self.stems[i]}.jpg").convert("RGB")
+
+    def mask(self, i: int) -> np.ndarray:
+        fpath = self.mask_dpath / f"{self.stems[i]}.png"
+        if not fpath.exists():
+            raise DatasetError(f"ade20k: annotation {fpath} is missing")
+        return np.asarray(Image.open(fpath))
+
+    def target(self, i: int) -> int:
+        return self.targets[i]
+
+    def label(self, i: int) -> str:
+        return self.scenes[self.targets[i]]
 
 
-def load(cfg: dict) -> SyntheticDataset | ImageFolderDataset:
-    """The dataset for a config mapping with `kind` and `root`."""
+def ade20k_class_names(root: pathlib.Path) -> list[str]:
+    """Names from `objectInfo150.csv` (Idx,Ratio,Train,Val,Name) when present, else numbers."""
+    names = ["other"] + [f"class {k}" for k in range(1, ADE20K_N_CLASSES)]
+    info_fpath = root / "objectInfo150.csv"
+    if info_fpath.exists():
+        for line in info_fpath.read_text().splitlines()[1:]:
+            idx, *_, name = line.split(",")
+            names[int(idx)] = name.split(";")[0].strip()
+    return names
+
+
+class ImagenetDataset(Dataset):
+    """ImageNet-1K through Hugging Face `datasets` (the optional `imagenet` extra)."""
+
+    def __init__(self, split: str):
+        hf_datasets = import_hf_datasets()
+        try:
+            self.hf = hf_datasets.load_dataset(IMAGENET_HF_NAME, split=split)
+        except Exception as err:
+            raise DatasetError(imagenet_hint(split, err)) from err
+        self.classes = self.hf.features["label"].names
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def image(self, i: int) -> Image.Image:
+        return self.hf[i]["image"].convert("RGB")
+
+    def target(self, i: int) -> int:
+        return self.hf[i]["label"]
+
+    def label(self, i: int) -> str:
+        return self.classes[self.target(i)]
+
+
+def import_hf_datasets():
+    try:
+        import datasets as hf_datasets
+    except ImportError as err:
+        raise DatasetError(
+            "dataset kind 'imagenet' needs the Hugging Face `datasets` package: "
+            "pip install -e '.[imagenet]'"
+        ) from err
+    return hf_datasets
+
+
+def imagenet_hint(split: str, err: Exception) -> str:
+    return (
+        f"could not open {IMAGENET_HF_NAME} split {split!r} ({err}). It is gated: accept its "
+        "terms on huggingface.co, run `huggingface-cli login`, and download it once on a machine "
+        "with network access, with HF_HOME pointing at a cache this machine can read."
+    )
+
+
+def class_folders(root: pathlib.Path) -> list[str]:
+    if not root.is_dir():
+        raise DatasetError(f"image-folder root {root} is not a directory")
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def image_fnames(dpath: pathlib.Path) -> list[str]:
+    """Image file names in a folder, by suffix; one `scandir`, no per-file stat."""
+    return [
+        entry.name
+        for entry in os.scandir(dpath)
+        if os.path.splitext(entry.name)[1].lower() in IMG_SUFFIXES
+    ]
+
+
+def load(cfg: dict) -> Dataset:
+    """The dataset for a config mapping with `kind` (and `root`, `split` as the kind needs)."""
     kind = cfg["kind"]
     if kind == "synthetic":
         return SyntheticDataset(cfg["root"])
     if kind == "image-folder":
         return ImageFolderDataset(cfg["root"])
-    raise ValueError(f"dataset kind must be 'synthetic' or 'image-folder', got {kind!r}")
+    if kind == "ade20k":
+        return Ade20kDataset(cfg["root"], cfg["split"])
+    if kind == "imagenet":
+        return ImagenetDataset(cfg["split"])
+    raise ValueError(f"dataset kind must be one of {list(KINDS)}, got {kind!r}")
 
 
 def count_images(cfg: dict) -> int:
-    """Number of images, cheaply enough to run while Snakemake plans jobs."""
-    if cfg["kind"] == "synthetic":
+    """Number of images, cheaply enough to run every time Snakemake plans jobs.
+
+    Folder kinds list directories without opening or stat-ing images; ImageNet reads the split
+    size from the cached dataset info instead of loading the data.
+    """
+    kind = cfg["kind"]
+    if kind == "synthetic":
         return cfg["n_imgs"]
-    return len(load(cfg))
+    if kind == "image-folder":
+        root = pathlib.Path(cfg["root"])
+        n_imgs = sum(len(image_fnames(root / name)) for name in class_folders(root))
+        if n_imgs == 0:
+            raise DatasetError(f"image-folder root {root} has no images in class folders")
+        return n_imgs
+    if kind == "ade20k":
+        dpath = pathlib.Path(cfg["root"]) / "images" / cfg["split"]
+        if not dpath.is_dir():
+            raise DatasetError(f"ade20k: {dpath} is not a directory (split {cfg['split']!r})")
+        return len(image_fnames(dpath))
+    if kind == "imagenet":
+        hf_datasets = import_hf_datasets()
+        try:
+            info = hf_datasets.load_dataset_builder(IMAGENET_HF_NAME).info
+            return info.splits[cfg["split"]].num_examples
+        except Exception as err:
+            raise DatasetError(imagenet_hint(cfg["split"], err)) from err
+    raise ValueError(f"dataset kind must be one of {list(KINDS)}, got {kind!r}")
 
 
 def patch_labels(mask_HW: np.ndarray, n_patches_per_img: int, n_classes: int) -> np.ndarray:
-    """Majority class of the pixels under each patch of a square grid, row-major, uint8 (P,)."""
+    """Majority class of the pixels under each patch, row-major, uint8 (P,); ties go to the
+    lower class.
+
+    The mask is centre-cropped to a square first, as the models' resize-then-centre-crop
+    transforms do with the image, so each patch's label covers the pixels the patch saw.
+    """
     grid = int(round(n_patches_per_img**0.5))
-    assert grid * grid == n_patches_per_img, "patch labels need a square patch grid"
-    cell = max(1, mask_HW.shape[0] // grid)
-    side = grid * cell
-    resized = np.asarray(Image.fromarray(mask_HW).resize((side, side), Image.NEAREST))
+    if grid * grid != n_patches_per_img:
+        raise ValueError(f"patch labels need a square patch grid, got {n_patches_per_img} patches")
+    h, w = mask_HW.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square_HW = mask_HW[top : top + side, left : left + side]
+    cell = max(1, side // grid)
+    resized = np.asarray(Image.fromarray(square_HW).resize((grid * cell,) * 2, Image.NEAREST))
     blocks_PC = resized.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid**2, -1)
-    counts_PK = np.stack([(blocks_PC == k).sum(axis=1) for k in range(n_classes)], axis=1)
-    return counts_PK.argmax(axis=1).astype(np.uint8)
+    if blocks_PC.max() >= n_classes:
+        raise DatasetError(f"mask value {blocks_PC.max()} is not below n_classes={n_classes}")
+    offsets_P1 = np.arange(grid**2)[:, None] * n_classes
+    counts_PK = np.bincount((blocks_PC + offsets_P1).ravel(), minlength=grid**2 * n_classes)
+    return counts_PK.reshape(grid**2, n_classes).argmax(axis=1).astype(np.uint8)

@@ -53,6 +53,8 @@ class ShardJob:
     dataset: str
     batch_size: int
     n_workers: int
+    n_parts: int
+    """Jobs that each write a disjoint range of whole shards; not part of the hash."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,12 @@ class Plan:
 
 
 def resolve_dataset(name: str, cfg: dict) -> dict:
+    extra = sorted(set(cfg) - {"kind"} - set(datasets.KEYS[cfg["kind"]]))
+    if extra:
+        raise PlanError(
+            f"datasets.{name}: {extra} do not apply to kind {cfg['kind']!r}, "
+            f"which takes {list(datasets.KEYS[cfg['kind']])}"
+        )
     if cfg["kind"] == "synthetic":
         return {**cfg, "root": f"{RESULTS_DPATH}/datasets/{name}"}
     return dict(cfg)
@@ -105,7 +113,7 @@ def shard_metadata(spec_name: str, spec: dict, config: dict, dataset_cfgs: dict)
     data = {k: v for k, v in dataset_cfg.items() if k not in ("kind", "root")}
     if dataset_cfg["kind"] != "synthetic":
         data["root"] = dataset_cfg["root"]
-    has_masks = dataset_cfg["kind"] == "synthetic"
+    has_masks = dataset_cfg["kind"] in datasets.KINDS_WITH_MASKS
     try:
         return shards.Metadata(
             vit_family=model["family"],
@@ -196,6 +204,11 @@ def make_plan(config: dict) -> Plan:
     activations, shard_jobs = {}, {}
     for spec_name, spec in config["activations"].items():
         metadata = shard_metadata(spec_name, spec, config, dataset_cfgs)
+        if spec["n_parts"] > metadata.n_shards:
+            raise PlanError(
+                f"activations.{spec_name}.n_parts: {spec['n_parts']} parts cannot split "
+                f"{metadata.n_shards} shard(s); use at most {metadata.n_shards}"
+            )
         activations[spec_name] = metadata.hash
         shard_jobs.setdefault(
             metadata.hash,
@@ -204,6 +217,7 @@ def make_plan(config: dict) -> Plan:
                 dataset=spec["dataset"],
                 batch_size=spec["batch_size"],
                 n_workers=spec["n_workers"],
+                n_parts=spec["n_parts"],
             ),
         )
     sweeps = {

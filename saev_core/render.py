@@ -44,13 +44,13 @@ def patch_heatmaps(
     model: sae.SparseAutoencoder, reader: shards.ShardReader, layer: int, img_indices: list[int]
 ) -> dict[int, np.ndarray]:
     """(P, F) latent activations on each image's patch tokens, recomputed from the shards."""
-    S = reader.metadata.n_imgs_per_shard
     layer_i = reader.metadata.layer_index(layer)
     patches = reader.token_slice("patches")
     device = model.b_dec.device
     maps = {}
     for i in img_indices:
-        x_PD = np.array(reader.shard(i // S)[i % S, layer_i, patches])
+        shard_i, row = reader.locate(i)
+        x_PD = np.array(reader.shard(shard_i)[row, layer_i, patches])
         maps[i] = model.encode(torch.from_numpy(x_PD).to(device)).cpu().numpy()
     return maps
 

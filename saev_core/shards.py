@@ -140,9 +140,14 @@ def shard_fname(shard_i: int) -> str:
     return f"acts{shard_i:06d}.bin"
 
 
+def tmp_sibling(fpath: pathlib.Path) -> pathlib.Path:
+    """A hidden temporary name next to `fpath`, unique per process so parallel jobs never share."""
+    return fpath.with_name(f".{fpath.name}.{os.getpid()}.tmp")
+
+
 def write_atomic(fpath: pathlib.Path, data: bytes):
     """Write to a temporary sibling, flush to disk, then rename: readers never see half a file."""
-    tmp_fpath = fpath.with_name(f".{fpath.name}.tmp")
+    tmp_fpath = tmp_sibling(fpath)
     with open(tmp_fpath, "wb") as fd:
         fd.write(data)
         fd.flush()
@@ -150,11 +155,19 @@ def write_atomic(fpath: pathlib.Path, data: bytes):
     os.replace(tmp_fpath, fpath)
 
 
+def part_shards(n_shards: int, n_parts: int, part: int) -> range:
+    """The whole shards part `part` of `n_parts` writes: contiguous, disjoint, covering all."""
+    if not 0 <= part < n_parts <= n_shards:
+        raise ValueError(f"part {part} of {n_parts} is impossible with {n_shards} shards")
+    return range(part * n_shards // n_parts, (part + 1) * n_shards // n_parts)
+
+
 class ShardWriter:
     """Writes a shard directory shard by shard, resuming after the last complete shard.
 
     A shard file appears (by atomic rename) only once all its rows are written, and the directory
     is complete only once `shards.json` is published, after every shard exists with its exact size.
+    Several writers (one per part) may fill disjoint shards of one directory at the same time.
     """
 
     def __init__(self, dpath: pathlib.Path, metadata: Metadata):
@@ -163,8 +176,7 @@ class ShardWriter:
         self.dpath.mkdir(parents=True, exist_ok=True)
         md_fpath = self.dpath / METADATA_FNAME
         if md_fpath.exists():
-            existing = Metadata.load(self.dpath)
-            if existing != metadata:
+            if Metadata.load(self.dpath) != metadata:
                 raise ShardError(
                     f"{md_fpath} describes a different dump than requested; "
                     "remove the directory or fix the configuration"
@@ -177,29 +189,51 @@ class ShardWriter:
         fpath = self.dpath / shard_fname(shard_i)
         return fpath.exists() and fpath.stat().st_size == self.metadata.shard_nbytes
 
-    def first_incomplete_shard(self) -> int:
-        """Index of the first shard to (re)write; `n_shards` when all are done."""
-        for shard_i in range(self.metadata.n_shards):
-            if not self.is_complete(shard_i):
-                return shard_i
-        return self.metadata.n_shards
+    def incomplete_shards(self, shard_ids: range) -> list[int]:
+        """The shards of `shard_ids` still to (re)write."""
+        return [shard_i for shard_i in shard_ids if not self.is_complete(shard_i)]
 
-    def write_shard(self, shard_i: int, acts_SLTD: np.ndarray):
-        assert acts_SLTD.shape == self.metadata.shard_shape, acts_SLTD.shape
-        assert acts_SLTD.dtype == np.float32
-        write_atomic(self.dpath / shard_fname(shard_i), acts_SLTD.astype("<f4").tobytes())
+    def open_shard(self, shard_i: int) -> np.memmap:
+        """A zero-filled, writable (S, L, T, D) map of shard `shard_i`'s temporary file.
+
+        Rows written to it go to the page cache at memcpy speed; the kernel writes them back
+        while the model runs. Stale temporary files of this shard (a killed writer) go first.
+        """
+        fpath = self.dpath / shard_fname(shard_i)
+        for stale_fpath in self.dpath.glob(f".{fpath.name}.*.tmp"):
+            stale_fpath.unlink()
+        return np.memmap(
+            tmp_sibling(fpath), dtype="<f4", mode="w+", shape=self.metadata.shard_shape
+        )
+
+    def finish_shard(self, shard_i: int, acts_SLTD: np.memmap):
+        """Flush a shard opened with `open_shard` to disk and give it its final name."""
+        acts_SLTD.flush()
+        tmp_fpath = pathlib.Path(acts_SLTD.filename)
+        with open(tmp_fpath, "rb+") as fd:
+            os.fsync(fd.fileno())
+        os.replace(tmp_fpath, self.dpath / shard_fname(shard_i))
+
+    def has_labels(self) -> bool:
+        fpath = self.dpath / LABELS_FNAME
+        return fpath.exists() and fpath.stat().st_size == self.metadata.n_imgs * (
+            self.metadata.n_patches_per_img
+        )
 
     def write_labels(self, labels_NP: np.ndarray):
         assert labels_NP.shape == (self.metadata.n_imgs, self.metadata.n_patches_per_img)
         write_atomic(self.dpath / LABELS_FNAME, labels_NP.astype(np.uint8).tobytes())
 
     def publish(self):
-        """Mark the directory complete, after checking every shard."""
+        """Mark the directory complete, after checking every shard; remove temporary leftovers
+        of killed writers (all writers have finished when this runs)."""
         for shard_i in range(self.metadata.n_shards):
             if not self.is_complete(shard_i):
                 raise ShardError(f"cannot publish: {self.dpath / shard_fname(shard_i)} incomplete")
-        has_labels = (self.dpath / LABELS_FNAME).exists()
-        assert has_labels == (self.metadata.protocol == PROTOCOL_WITH_LABELS)
+        if self.metadata.protocol == PROTOCOL_WITH_LABELS and not self.has_labels():
+            raise ShardError(f"cannot publish: {self.dpath / LABELS_FNAME} is missing")
+        for stale_fpath in self.dpath.glob(".*.tmp"):
+            stale_fpath.unlink()
         listing = [
             {"name": shard_fname(i), "n_imgs": self.metadata.shard_n_imgs(i)}
             for i in range(self.metadata.n_shards)
@@ -239,11 +273,26 @@ class ShardReader:
                 raise ShardError(
                     f"shard file {fpath} has {size} bytes, expected {self.metadata.shard_nbytes}"
                 )
+        labels_fpath = self.dpath / LABELS_FNAME
+        labels_nbytes = self.n_imgs * self.metadata.n_patches_per_img
+        if self.metadata.protocol == PROTOCOL_WITH_LABELS and (
+            not labels_fpath.exists() or labels_fpath.stat().st_size != labels_nbytes
+        ):
+            raise ShardError(
+                f"{labels_fpath} must exist with {labels_nbytes} bytes (protocol "
+                f"{PROTOCOL_WITH_LABELS})"
+            )
         self._mmaps: dict[int, np.memmap] = {}
 
     @property
     def n_imgs(self) -> int:
         return self.metadata.n_imgs
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard, row) of image `i`."""
+        if not 0 <= i < self.n_imgs:
+            raise IndexError(f"image index {i} is out of range for {self.n_imgs} images")
+        return divmod(i, self.metadata.n_imgs_per_shard)
 
     def shard(self, shard_i: int) -> np.memmap:
         """Shard `shard_i` as a read-only (S, L, T, D) memory map (only its first rows count)."""
@@ -280,7 +329,7 @@ class ShardReader:
     def labels(self) -> np.ndarray | None:
         """Per-patch labels (n_imgs, P) when the dump recorded them."""
         fpath = self.dpath / LABELS_FNAME
-        if not fpath.exists():
+        if self.metadata.protocol != PROTOCOL_WITH_LABELS:
             return None
         shape = (self.n_imgs, self.metadata.n_patches_per_img)
         return np.memmap(fpath, dtype=np.uint8, mode="r", shape=shape)

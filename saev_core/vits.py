@@ -1,14 +1,21 @@
 """Vision transformers whose residual stream we record (SPEC §4).
 
-Families: `tiny` (a small randomly initialised open_clip ViT built locally, for the embedded
-default, tests and CI), `clip` and `siglip` (open_clip checkpoints such as `ViT-B-16/openai` or
-`hf-hub:timm/ViT-L-16-SigLIP2-256`). Activations
-are the outputs of the requested residual blocks, captured with forward hooks, [CLS] first.
+Families: `tiny` (randomly initialised open_clip ViTs built locally: `vit-tiny-p8-64` for the
+embedded default, tests and CI, `vit-b16-224` with CLIP ViT-B/16's shape for benchmarks),
+`clip` and `siglip` (open_clip checkpoints such as `ViT-B-16/openai` or
+`hf-hub:timm/ViT-L-16-SigLIP2-256`), `dinov2` (the torch-hub names such as `dinov2_vitb14_reg`,
+loaded as timm's ports of the same weights from the Hugging Face cache). Activations are the
+outputs of the requested residual blocks, captured with forward hooks, [CLS] first, register
+tokens dropped.
 
 Shape key: B = batch, L = recorded layers, T = tokens ([CLS] + patches), D = d_vit.
 """
 
 import dataclasses
+import logging
+import re
+import socket
+import urllib.parse
 
 import torch
 from open_clip.transformer import VisionTransformer
@@ -17,6 +24,13 @@ from torchvision import transforms
 # OpenAI CLIP's normalisation constants, used for the tiny ViT too.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FAMILIES = ("tiny", "clip", "siglip", "dinov2")
+DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+DINOV2_IMG_SIZE = 224
+
+logger = logging.getLogger("vits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +47,30 @@ class TinyArch:
 
 TINY_ARCHS = {
     "vit-tiny-p8-64": TinyArch(img_size=64, patch_size=8, width=64, layers=4, heads=4, seed=0),
+    # CLIP ViT-B/16's architecture: realistic compute for benchmarks, still no download.
+    "vit-b16-224": TinyArch(img_size=224, patch_size=16, width=768, layers=12, heads=12, seed=0),
 }
 
 
 class Recorder(torch.nn.Module):
-    """Runs a ViT and returns the residual stream after the requested blocks, (B, L, T, D)."""
+    """Runs a ViT and returns the residual stream after the requested blocks, (B, L, T, D).
 
-    def __init__(self, vit: torch.nn.Module, blocks: torch.nn.ModuleList, layers: list[int]):
+    The block outputs hold `n_prefix` tokens before the patches: [CLS] (when `cls_token`) and
+    then register tokens, which are dropped.
+    """
+
+    def __init__(
+        self,
+        vit: torch.nn.Module,
+        blocks: torch.nn.ModuleList,
+        layers: list[int],
+        *,
+        cls_token: bool,
+        n_prefix: int,
+    ):
         super().__init__()
         self.vit = vit
+        self.n_cls, self.n_prefix = int(cls_token), n_prefix
         n_blocks = len(blocks)
         for layer in layers:
             if not -n_blocks <= layer < n_blocks:
@@ -63,6 +92,10 @@ class Recorder(torch.nn.Module):
         self.vit(imgs_BCHW)
         acts_BLTD = torch.stack([self._outputs[i] for i in self.block_indices], dim=1)
         self._outputs.clear()
+        if self.n_prefix > self.n_cls:
+            acts_BLTD = torch.cat(
+                [acts_BLTD[:, :, : self.n_cls], acts_BLTD[:, :, self.n_prefix :]], dim=2
+            )
         return acts_BLTD
 
 
@@ -115,36 +148,117 @@ def build_open_clip(
     import open_clip
 
     arch, tag = parse_open_clip_ckpt(ckpt)
+    if pretrained:
+        offline_unless_hub_reachable()
     try:
         model, _, transform = open_clip.create_model_and_transforms(
             arch, pretrained=tag if pretrained else None
         )
     except Exception as err:
-        raise RuntimeError(
-            f"could not load open_clip checkpoint {ckpt!r} ({err}). Without network access the "
-            "weights must already be cached: download them once on a machine with network "
-            '(e.g. `python -c "import open_clip; open_clip.create_model_and_transforms('
-            f"'{arch}', pretrained={tag!r})\"`) with HF_HOME pointing at a shared cache."
+        raise WeightsError(
+            ckpt,
+            "import open_clip; "
+            f"open_clip.create_model_and_transforms({arch!r}, pretrained={tag!r})",
+            err,
         ) from err
     return model.visual.eval(), transform
 
 
-def residual_blocks(visual: torch.nn.Module) -> torch.nn.ModuleList:
-    """open_clip's own ViTs keep blocks in `transformer.resblocks`; timm-backed towers (SigLIP)
-    in `trunk.blocks`."""
-    if hasattr(visual, "transformer"):
-        return visual.transformer.resblocks
-    return visual.trunk.blocks
+def build_dinov2(ckpt: str, pretrained: bool = True) -> tuple[torch.nn.Module, transforms.Compose]:
+    """DINOv2 (`dinov2_vit{s,b,l,g}14[_reg]`) as timm's port of the official weights, at 224 px
+    (16x16 patches; timm resamples the position embeddings when it loads them)."""
+    import timm
+
+    timm_name = dinov2_timm_name(ckpt)
+    if pretrained:
+        offline_unless_hub_reachable()
+    try:
+        vit = timm.create_model(timm_name, pretrained=pretrained, img_size=DINOV2_IMG_SIZE)
+    except Exception as err:
+        raise WeightsError(
+            ckpt,
+            f"import timm; timm.create_model({timm_name!r}, pretrained=True)",
+            err,
+        ) from err
+    transform = transforms.Compose(
+        [
+            transforms.Resize(DINOV2_IMG_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(DINOV2_IMG_SIZE),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    return vit.eval(), transform
+
+
+def dinov2_timm_name(ckpt: str) -> str:
+    """`dinov2_vitb14_reg` -> `vit_base_patch14_reg4_dinov2.lvd142m`."""
+    match = re.fullmatch(r"dinov2_vit([sblg])14(_reg)?", ckpt)
+    if match is None:
+        raise ValueError(
+            f"dinov2 ckpt must look like 'dinov2_vitb14' or 'dinov2_vitb14_reg' "
+            f"(sizes s, b, l, g), not {ckpt!r}"
+        )
+    size, reg = DINOV2_SIZES[match[1]], "_reg4" if match[2] else ""
+    return f"vit_{size}_patch14{reg}_dinov2.lvd142m"
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+    def __init__(self, ckpt: str, download_code: str, err: Exception):
+        super().__init__(
+            f"could not load the weights of checkpoint {ckpt!r} ({type(err).__name__}: {err}). "
+            "Without network access they must already be in the Hugging Face cache: on a machine "
+            f'with network, run `python -c "{download_code}"` with HF_HOME set to a cache this '
+            "machine can read, then set HF_HOME to it here."
+        )
+
+
+def offline_unless_hub_reachable(timeout_s: float = 5.0):
+    """Without network, put the Hugging Face hub client in offline mode so a missing checkpoint
+    fails at once from the cache, instead of after a minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as err:
+        logger.warning("%s is unreachable (%s): using cached weights only", host, err)
+        constants.HF_HUB_OFFLINE = True
+
+
+def make_recorder(vit: torch.nn.Module, layers: list[int]) -> Recorder:
+    """open_clip's own ViTs keep blocks in `transformer.resblocks` with [CLS] first; timm ViTs
+    (DINOv2, and SigLIP as open_clip's `trunk`) in `blocks`, with `num_prefix_tokens` [CLS] and
+    register tokens before the patches."""
+    if hasattr(vit, "transformer"):
+        return Recorder(vit, vit.transformer.resblocks, layers, cls_token=True, n_prefix=1)
+    timm_vit = vit.trunk if hasattr(vit, "trunk") else vit
+    return Recorder(
+        vit,
+        timm_vit.blocks,
+        layers,
+        cls_token=timm_vit.has_class_token,
+        n_prefix=timm_vit.num_prefix_tokens,
+    )
 
 
 def load(
     family: str, ckpt: str, layers: list[int], pretrained: bool = True
 ) -> tuple[Recorder, transforms.Compose]:
-    """A Recorder for `layers` of the named model, and the transform its images need."""
+    """A Recorder for `layers` of the named model, and the transform its images need.
+
+    `pretrained=False` builds the real architecture with random weights (tests, no download).
+    """
     if family == "tiny":
         vit, transform = build_tiny(ckpt)
     elif family in ("clip", "siglip"):
         vit, transform = build_open_clip(ckpt, pretrained)
+    elif family == "dinov2":
+        vit, transform = build_dinov2(ckpt, pretrained)
     else:
-        raise ValueError(f"vit family must be 'tiny', 'clip' or 'siglip', got {family!r}")
-    return Recorder(vit, residual_blocks(vit), layers), transform
+        raise ValueError(f"vit family must be one of {list(FAMILIES)}, got {family!r}")
+    return make_recorder(vit, layers), transform

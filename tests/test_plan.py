@@ -126,3 +126,43 @@ def test_commented_cluster_experiments_are_valid_when_enabled():
     config = yaml.safe_load("\n".join(lines))
     assert {"clip-b16-imagenet", "siglip2-inat21"} <= set(config["sweeps"])
     plan.validate_config(config)
+
+
+def test_n_parts_does_not_change_the_hash_and_cannot_exceed_the_shards(config):
+    spec = config["activations"]["tiny-synthetic-train"]
+    spec["n_parts"] = 1
+    a = plan.make_plan(config).activations
+    spec["n_parts"] = 4  # 256 images at 64 per shard: 4 shards
+    assert plan.make_plan(config).activations == a
+    spec["n_parts"] = 5
+    with pytest.raises(
+        plan.PlanError,
+        match=r"activations.tiny-synthetic-train.n_parts: 5 parts cannot split 4 shard\(s\)",
+    ):
+        plan.make_plan(config)
+
+
+def test_dataset_keys_of_another_kind_are_a_plan_error(config):
+    config["datasets"]["synthetic-train"]["split"] = "train"
+    with pytest.raises(
+        plan.PlanError,
+        match=r"datasets.synthetic-train: \['split'\] do not apply to kind 'synthetic'",
+    ):
+        plan.make_plan(config)
+
+
+def test_dry_run_has_one_dump_job_per_part_and_one_publish(tmp_path):
+    config = yaml.safe_load(CONFIG_FPATH.read_text())
+    config["activations"]["tiny-synthetic-train"]["n_parts"] = 3
+    config_fpath = tmp_path / "parts.yaml"
+    config_fpath.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(config_fpath)]
+        + ["--directory", str(tmp_path), "-s", str(REPO / "Snakefile")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+    # 3 parts of the train dump + 1 of the val dump; one publish per directory.
+    assert counts["dump_activations"] == "4" and counts["publish_activations"] == "2"

@@ -2,6 +2,12 @@
 
 import hashlib
 import json
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +15,9 @@ import torch
 from conftest import LAYERS, N_IMGS, tiny_metadata
 
 from saev_core import datasets, dump, shards, vits
+
+# One image per shard: 40 shards, so a kill lands between and inside many shard writes.
+ONE_PER_SHARD = 130
 
 
 def read_image_acts(dpath, i: int) -> np.ndarray:
@@ -84,18 +93,148 @@ def test_reader_rejects_truncated_shard(shards_dpath, tmp_path):
         shards.ShardReader(copy)
 
 
-def test_rerun_after_partial_dump_is_identical(shards_dpath, dataset_cfg, tmp_path):
-    """A dump that stopped after one shard resumes and ends byte-identical."""
-    import shutil
+def sha256_of_files(dpath: pathlib.Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(dpath.iterdir())}
 
-    partial = tmp_path / shards_dpath.name
-    partial.mkdir()
-    for name in ("metadata.json", "acts000000.bin"):
-        shutil.copy(shards_dpath / name, partial / name)
-    (partial / "acts000001.bin").write_bytes(b"half a shard")
-    dump.dump(tiny_metadata(), dataset_cfg, tmp_path, batch_size=16, device="cpu")
-    for fpath in shards_dpath.iterdir():
-        assert (partial / fpath.name).read_bytes() == fpath.read_bytes(), fpath.name
+
+@pytest.fixture(scope="module")
+def one_per_shard_dpath(tmp_path_factory, dataset_cfg) -> pathlib.Path:
+    """An uninterrupted single-job dump with one image per shard, the reference bytes."""
+    root = tmp_path_factory.mktemp("reference")
+    metadata = tiny_metadata(max_patches_per_shard=ONE_PER_SHARD)
+    return dump.dump(metadata, dataset_cfg, root, batch_size=3, device="cpu")
+
+
+def run_dump_cli(command: str, metadata: shards.Metadata, dataset_cfg: dict, root, *extra):
+    argv = [sys.executable, "-m", "saev_core.dump", command]
+    argv += ["--metadata-json", json.dumps(metadata.to_dict())]
+    argv += ["--dataset-json", json.dumps(dataset_cfg), "--shards-dpath", str(root), *extra]
+    return argv
+
+
+def test_sigkill_at_several_points_then_rerun_is_byte_identical(
+    one_per_shard_dpath, dataset_cfg, tmp_path
+):
+    metadata = tiny_metadata(max_patches_per_shard=ONE_PER_SHARD)
+    dpath = tmp_path / metadata.hash
+    part_argv = run_dump_cli("part", metadata, dataset_cfg, tmp_path, "--batch-size", "3")
+
+    def n_complete() -> int:
+        return sum(1 for p in dpath.glob("acts*.bin"))
+
+    # Kill points: after a few shards, mid-shard (a temporary file is open), later on.
+    kill_points = [
+        lambda: n_complete() >= 3,
+        lambda: n_complete() >= 12 and any(dpath.glob(".acts*.tmp")),
+        lambda: n_complete() >= 25,
+    ]
+    done_before = 0
+    for should_kill in kill_points:
+        proc = subprocess.Popen(part_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not should_kill() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the dump finished before it could be killed"
+        assert not (dpath / "shards.json").exists()
+        assert n_complete() > done_before  # each run resumed and made progress
+        done_before = n_complete()
+
+    resumed = subprocess.run(part_argv, capture_output=True, text=True, check=True)
+    assert f"resuming at shard {done_before}" in resumed.stderr
+    subprocess.run(run_dump_cli("publish", metadata, dataset_cfg, tmp_path), check=True)
+    assert sha256_of_files(dpath) == sha256_of_files(one_per_shard_dpath)
+
+
+def test_parts_are_byte_identical_to_one_job(one_per_shard_dpath, dataset_cfg, tmp_path):
+    metadata = tiny_metadata(max_patches_per_shard=ONE_PER_SHARD)
+    for part in (2, 0, 1):  # any order, as the Slurm jobs may run
+        dump.dump_part(metadata, dataset_cfg, tmp_path, part, 3, batch_size=5, device="cpu")
+    assert not (tmp_path / metadata.hash / "shards.json").exists()
+    dump.publish(metadata, dataset_cfg, tmp_path)
+    assert sha256_of_files(tmp_path / metadata.hash) == sha256_of_files(one_per_shard_dpath)
+
+
+def test_part_ranges_cover_every_shard_once():
+    for n_shards in (1, 7, 40):
+        for n_parts in range(1, n_shards + 1):
+            ranges = [shards.part_shards(n_shards, n_parts, p) for p in range(n_parts)]
+            assert [s for r in ranges for s in r] == list(range(n_shards))
+            assert all(len(r) > 0 for r in ranges)
+
+
+def test_publish_refuses_a_missing_shard(shards_dpath, dataset_cfg, tmp_path):
+    copy = tmp_path / shards_dpath.name
+    shutil.copytree(shards_dpath, copy)
+    (copy / "shards.json").unlink()
+    (copy / "acts000001.bin").unlink()
+    with pytest.raises(shards.ShardError, match=r"cannot publish: .*acts000001.bin incomplete"):
+        shards.ShardWriter(copy, tiny_metadata()).publish()
+
+
+def test_reader_rejects_missing_shard_file(shards_dpath, tmp_path):
+    copy = tmp_path / shards_dpath.name
+    shutil.copytree(shards_dpath, copy)
+    (copy / "acts000002.bin").unlink()
+    with pytest.raises(shards.ShardError, match=r"shard file .*acts000002.bin is missing"):
+        shards.ShardReader(copy)
+
+
+def test_reader_rejects_metadata_that_does_not_hash_to_the_name(shards_dpath, tmp_path):
+    copy = tmp_path / shards_dpath.name
+    shutil.copytree(shards_dpath, copy)
+    md = json.loads((copy / "metadata.json").read_text())
+    (copy / "metadata.json").write_text(json.dumps({**md, "n_imgs": 39}))
+    with pytest.raises(
+        shards.ShardError,
+        match=rf"metadata.json hashes to [0-9a-f]{{64}}, not to its directory name {copy.name}",
+    ):
+        shards.ShardReader(copy)
+
+
+def test_reader_rejects_an_incomplete_directory(shards_dpath, tmp_path):
+    copy = tmp_path / shards_dpath.name
+    shutil.copytree(shards_dpath, copy)
+    (copy / "shards.json").unlink()
+    with pytest.raises(
+        shards.ShardError, match=r"shards.json does not exist: the dump is incomplete"
+    ):
+        shards.ShardReader(copy)
+
+
+def test_reader_locates_images(shards_dpath):
+    reader = shards.ShardReader(shards_dpath)
+    assert reader.locate(0) == (0, 0)
+    assert reader.locate(17) == (1, 1)
+    assert reader.locate(N_IMGS - 1) == (2, 7)
+    with pytest.raises(IndexError, match="image index 40 is out of range for 40 images"):
+        reader.locate(N_IMGS)
+
+
+def test_nan_activations_name_the_image():
+    acts_BLTD = np.zeros((4, 2, 65, 64), dtype=np.float32)
+    acts_BLTD[2, 1, 5, 7] = np.nan
+    with pytest.raises(FloatingPointError, match="NaN or infinite activations for image index 12"):
+        dump.check_finite(acts_BLTD, np.arange(10, 14))
+
+
+def test_model_shape_mismatch_is_an_error(dataset_cfg, tmp_path):
+    metadata = tiny_metadata(d_vit=32)
+    with pytest.raises(
+        ValueError,
+        match=r"gives 65 tokens of width 64 per image, but the config says 65 tokens .* of width d_vit=32",
+    ):
+        dump.dump(metadata, dataset_cfg, tmp_path, batch_size=16, device="cpu")
+    assert not (tmp_path / metadata.hash / "shards.json").exists()
+
+
+def test_dataset_size_change_is_an_error(dataset_cfg, tmp_path):
+    metadata = tiny_metadata(n_imgs=41)
+    with pytest.raises(
+        datasets.DatasetError,
+        match="dataset has 40 images but the activation metadata says n_imgs=41",
+    ):
+        dump.dump(metadata, dataset_cfg, tmp_path, batch_size=16, device="cpu")
 
 
 def test_shard_too_small_for_one_image():

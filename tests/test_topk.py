@@ -71,6 +71,8 @@ def _constant_shards(tmp_path, n_imgs):
     )
     writer = shards.ShardWriter(tmp_path / md.hash, md)
     for shard_i in range(md.n_shards):
-        writer.write_shard(shard_i, np.ones(md.shard_shape, dtype=np.float32))
+        acts_SLTD = writer.open_shard(shard_i)
+        acts_SLTD[:] = 1.0
+        writer.finish_shard(shard_i, acts_SLTD)
     writer.publish()
     return shards.ShardReader(tmp_path / md.hash)

@@ -36,6 +36,7 @@ CONFIG = {
             "dataset": "train",
             "layers": [-2, -1],
             "max_patches_per_shard": 130 * 12,
+            "n_parts": 2,  # 3 shards of 12 images: parts of 1 and 2 shards
         },
         "val": {
             "model": "tiny",
@@ -108,7 +109,10 @@ def test_run_leaves_what_users_open(workdir):
         md = json.loads((dpath / "metadata.json").read_text())
         canonical = json.dumps(md, sort_keys=True, separators=(",", ":")).encode()
         assert hashlib.sha256(canonical).hexdigest() == dpath.name
-        assert (dpath / "shards.json").exists()
+        listing = json.loads((dpath / "shards.json").read_text())
+        expected = {"metadata.json", "shards.json", "labels.bin"} | {e["name"] for e in listing}
+        assert {p.name for p in dpath.iterdir()} == expected  # no temporary leftovers
+    assert len(list(results.glob("dump-parts/*/part*-of-2.done"))) == 2
 
     checkpoints = sorted(results.glob("s/groups/*/*/sae.pt"))
     assert len(checkpoints) == 6

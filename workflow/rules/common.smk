@@ -19,6 +19,8 @@ wildcard_constraints:
     sweep="[A-Za-z0-9_.-]+",
     group=r"layer-?\d+-[0-9a-f]{8}",
     sae="[0-9a-f]{10}",
+    part=r"\d+",
+    n_parts=r"\d+",
 
 
 def shards_done(shards_hash):
@@ -35,6 +37,22 @@ def get_dataset_input(dataset):
 
 def get_dump_dataset(wildcards):
     return get_dataset_input(PLAN.shard_jobs[wildcards.shards].dataset)
+
+
+def get_dump_parts(wildcards):
+    n_parts = PLAN.shard_jobs[wildcards.shards].n_parts
+    return [
+        f"results/dump-parts/{wildcards.shards}/part{part}-of-{n_parts}.done"
+        for part in range(n_parts)
+    ]
+
+
+def get_shard_metadata_json(wildcards):
+    return json.dumps(PLAN.shard_jobs[wildcards.shards].metadata.to_dict())
+
+
+def get_shard_dataset_json(wildcards):
+    return json.dumps(PLAN.datasets[PLAN.shard_jobs[wildcards.shards].dataset])
 
 
 def get_group_dpath(wildcards):
