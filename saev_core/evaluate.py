@@ -13,7 +13,7 @@ import pathlib
 
 import torch
 
-from . import helpers, sae, shards
+from . import helpers, loaders, sae, shards
 
 logger = logging.getLogger("evaluate")
 ALMOST_DEAD_FREQ = 1e-7
@@ -31,8 +31,8 @@ def evaluate(
     sum_x_D = torch.zeros(model.cfg.d_vit, dtype=torch.float64)
     sum_xx_D = torch.zeros(model.cfg.d_vit, dtype=torch.float64)
     fires_F = torch.zeros(d_sae, dtype=torch.float64)
-    for _, rows in reader.iter_images(layer, tokens):
-        x_BD = torch.from_numpy(rows.reshape(-1, model.cfg.d_vit).copy()).to(device)
+    for _, x_NTD in loaders.OrderedLoader(reader, layer, tokens):
+        x_BD = torch.from_numpy(x_NTD.reshape(-1, model.cfg.d_vit)).to(device)
         x_hat_BD, f_x_BF = model(x_BD)
         n += len(x_BD)
         sq_err += (x_hat_BD - x_BD).pow(2).sum().item()

@@ -1,50 +1,231 @@
-"""Batches of activation vectors read from a shard directory.
+"""Batches of activation vectors streamed from a shard directory (SPEC §6).
+
+`ShuffledLoader` is the training loader: it reads large contiguous blocks of images from the
+memory-mapped shards in a seeded random order into a shuffle buffer and hands out batches drawn
+from the buffer in a seeded random order. A background thread fills the buffers, so disk reads
+overlap training, and there is no per-example Python or per-example file access. `OrderedLoader`
+reads the same blocks in disk order (evaluation, top-k).
 
 Shape key: N = vectors, B = batch, D = d_vit.
 """
 
+import os
+import queue
+import threading
+import typing
+
 import numpy as np
 import torch
 
-from .shards import ShardReader
+from .shards import ShardReader, shard_fname
+
+BLOCK_BYTES = 16 << 20
+"""Bytes of one contiguous read: large enough for full disk bandwidth."""
+ORDERED_BLOCK_BYTES = 4 << 20
+"""Ordered reads feed an SAE forward pass whose latents are exp_factor times larger: keep small."""
+BUFFER_VECTORS = 1 << 17
+"""Vectors in a shuffle buffer: batches mix this many vectors from many random blocks."""
 
 
-def read_vectors(reader: ShardReader, layer: int, tokens: str) -> torch.Tensor:
-    """Every token vector of `layer` in disk order, (N, D), N = n_imgs * tokens per image."""
-    chunks = [
-        rows.reshape(-1, reader.metadata.d_vit) for _, rows in reader.iter_images(layer, tokens)
-    ]
-    return torch.from_numpy(np.concatenate(chunks))
+class Block(typing.NamedTuple):
+    """Images `start:stop` of shard `shard_i`, read in one go."""
+
+    shard_i: int
+    start: int
+    stop: int
 
 
-class ShuffledBatches:
-    """`n_train // batch_size` batches drawn without replacement, reshuffled each epoch.
+class BlockReader:
+    """The shard directory as a list of blocks of whole images for one layer and token kind.
 
-    Deterministic for a seed; every SAE of a group iterates the same instance, so they all see
-    the same batches.
+    Reads are plain `preadv` calls into caller-owned memory (no memory map: at terabyte scale
+    every page would be a fresh page fault), one per block; when the layer and tokens are a
+    strided part of the stored rows, the block is read whole into a scratch buffer first.
+    """
+
+    def __init__(self, reader: ShardReader, layer: int, tokens: str, block_bytes: int):
+        md = reader.metadata
+        self.reader = reader
+        self.layer_i = md.layer_index(layer)
+        self.tokens = reader.token_slice(tokens)
+        self.d_vit = md.d_vit
+        self.n_tokens = len(range(md.n_tokens)[self.tokens])
+        self.img_shape = (len(md.layers), md.n_tokens, md.d_vit)
+        self.img_nbytes = int(np.prod(self.img_shape)) * 4
+        self.contiguous = len(md.layers) == 1 and self.n_tokens == md.n_tokens
+        block_imgs = max(1, block_bytes // self.img_nbytes)
+        self.blocks = [
+            Block(shard_i, start, min(start + block_imgs, md.shard_n_imgs(shard_i)))
+            for shard_i in range(md.n_shards)
+            for start in range(0, md.shard_n_imgs(shard_i), block_imgs)
+        ]
+        self.n_vectors = reader.n_imgs * self.n_tokens
+        self._scratch = (
+            None if self.contiguous else np.empty(block_imgs * self.img_nbytes, np.uint8)
+        )
+        self._fds: dict[int, int] = {}
+
+    def n_block_vectors(self, block: Block) -> int:
+        return (block.stop - block.start) * self.n_tokens
+
+    def read_into(self, block: Block, out_ND: np.ndarray):
+        """Copy a block's vectors (image-major, token-minor) into `out_ND`: the one disk read."""
+        n_imgs = block.stop - block.start
+        if self.contiguous:
+            self._pread(block, out_ND.reshape(-1).view(np.uint8))
+            return
+        raw = self._scratch[: n_imgs * self.img_nbytes]
+        self._pread(block, raw)
+        rows_NLTD = raw.view("<f4").reshape(n_imgs, *self.img_shape)
+        out_ND.reshape(n_imgs, self.n_tokens, self.d_vit)[:] = rows_NLTD[
+            :, self.layer_i, self.tokens
+        ]
+
+    def _pread(self, block: Block, out: np.ndarray):
+        if block.shard_i not in self._fds:
+            fpath = self.reader.dpath / shard_fname(block.shard_i)
+            self._fds[block.shard_i] = os.open(fpath, os.O_RDONLY)
+        fd, offset, view = self._fds[block.shard_i], block.start * self.img_nbytes, memoryview(out)
+        while len(view):
+            n_read = os.preadv(fd, [view], offset)
+            if n_read == 0:
+                raise EOFError(f"{shard_fname(block.shard_i)} ended early: is it truncated?")
+            view, offset = view[n_read:], offset + n_read
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class ShuffledLoader:
+    """`n_train // batch_size` shuffled batches; epochs repeat until the budget is spent.
+
+    Each epoch reads every block once, in a random order, filling buffers of about
+    `buffer_vectors`; each buffer is served in a random order, and its remainder (less than a
+    batch) is carried into the next buffer, so one epoch delivers every vector exactly once.
+    Deterministic for a seed: all SAEs of a group can share one instance's batches.
     """
 
     def __init__(
-        self, reader: ShardReader, layer: int, tokens: str, batch_size: int, n_train: int, seed: int
+        self,
+        reader: ShardReader,
+        layer: int,
+        tokens: str,
+        batch_size: int,
+        n_train: int,
+        seed: int,
+        *,
+        block_bytes: int = BLOCK_BYTES,
+        buffer_vectors: int = BUFFER_VECTORS,
+        prefetch_buffers: int = 2,
     ):
-        self.vectors_ND = read_vectors(reader, layer, tokens)
-        if batch_size > len(self.vectors_ND):
+        self.blocks = BlockReader(reader, layer, tokens, block_bytes)
+        if batch_size > self.blocks.n_vectors:
             raise ValueError(
-                f"batch_size {batch_size} exceeds the {len(self.vectors_ND)} vectors in {reader.dpath}"
+                f"batch_size {batch_size} exceeds the {self.blocks.n_vectors} vectors of layer "
+                f"{layer} in {reader.dpath}"
             )
-        self.batch_size = batch_size
+        self.batch_size, self.seed = batch_size, seed
         self.n_steps = n_train // batch_size
-        self.seed = seed
+        self.buffer_vectors = max(buffer_vectors, batch_size)
+        self.prefetch_buffers = prefetch_buffers
 
     def __len__(self) -> int:
         return self.n_steps
 
-    def __iter__(self):
+    def __iter__(self) -> typing.Iterator[torch.Tensor]:
+        """Batches (B, D) float32; buffers are read and shuffled on a background thread."""
+        buffers: queue.Queue = queue.Queue(maxsize=self.prefetch_buffers)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._fill, args=(buffers, stop), name="loader", daemon=True
+        )
+        thread.start()
+        try:
+            n_done = 0
+            while n_done < self.n_steps:
+                item = buffers.get()
+                if isinstance(item, BaseException):
+                    raise item
+                buffer_ND, order_N = item
+                for lo in range(0, len(order_N), self.batch_size):
+                    yield buffer_ND.index_select(0, order_N[lo : lo + self.batch_size])
+                    n_done += 1
+                    if n_done == self.n_steps:
+                        break
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    buffers.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
+    def _fill(self, buffers: queue.Queue, stop: threading.Event):
+        """Producer: (buffer, order) pairs whose orders hold whole batches only."""
+        try:
+            for item in self._buffers():
+                while not stop.is_set():
+                    try:
+                        buffers.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:
+            buffers.put(err)
+
+    def _buffers(self) -> typing.Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed)
-        n_per_epoch = len(self.vectors_ND) // self.batch_size
-        step = 0
-        while step < self.n_steps:
-            perm = torch.randperm(len(self.vectors_ND), generator=gen)
-            for b in range(min(n_per_epoch, self.n_steps - step)):
-                yield self.vectors_ND[perm[b * self.batch_size : (b + 1) * self.batch_size]]
-                step += 1
+        D, B = self.blocks.d_vit, self.batch_size
+        # A ring of reused buffers (fresh memory would cost a page fault per 4 KiB). Slot k is
+        # refilled only after the consumer took buffer k + 1 from the queue, so it is done with k.
+        max_block = max(self.blocks.n_block_vectors(block) for block in self.blocks.blocks)
+        capacity = self.buffer_vectors + max_block + B
+        ring = [torch.empty(capacity, D) for _ in range(self.prefetch_buffers + 2)]
+        carry_ND = torch.empty(0, D)
+        n_served = n_filled = 0
+        while n_served < self.n_steps:
+            order = torch.randperm(len(self.blocks.blocks), generator=gen).tolist()
+            next_i = 0
+            while next_i < len(order):
+                chosen = []
+                n_vectors = len(carry_ND)
+                while next_i < len(order) and n_vectors < self.buffer_vectors:
+                    chosen.append(self.blocks.blocks[order[next_i]])
+                    n_vectors += self.blocks.n_block_vectors(chosen[-1])
+                    next_i += 1
+                buffer_ND = ring[n_filled % len(ring)][:n_vectors]
+                n_filled += 1
+                buffer_ND[: len(carry_ND)] = carry_ND
+                lo = len(carry_ND)
+                for block in chosen:
+                    hi = lo + self.blocks.n_block_vectors(block)
+                    self.blocks.read_into(block, buffer_ND[lo:hi].numpy())
+                    lo = hi
+                perm_N = torch.randperm(n_vectors, generator=gen)
+                n_full = n_vectors // B * B
+                carry_ND = buffer_ND[perm_N[n_full:]]
+                yield buffer_ND, perm_N[:n_full]
+                n_served += n_full // B
+                if n_served >= self.n_steps:
+                    return
+
+
+class OrderedLoader:
+    """Every vector of a layer in disk order, in chunks of whole images: (first image, (n, T, D))."""
+
+    def __init__(
+        self, reader: ShardReader, layer: int, tokens: str, block_bytes: int = ORDERED_BLOCK_BYTES
+    ):
+        self.blocks = BlockReader(reader, layer, tokens, block_bytes)
+        self.S = reader.metadata.n_imgs_per_shard
+
+    def __iter__(self) -> typing.Iterator[tuple[int, np.ndarray]]:
+        T, D = self.blocks.n_tokens, self.blocks.d_vit
+        for block in self.blocks.blocks:
+            out_ND = np.empty((self.blocks.n_block_vectors(block), D), dtype=np.float32)
+            self.blocks.read_into(block, out_ND)
+            yield block.shard_i * self.S + block.start, out_ND.reshape(-1, T, D)

@@ -318,14 +318,6 @@ class ShardReader:
             return slice(0, 1)
         raise ValueError(f"tokens must be 'patches', 'cls' or 'all', got {tokens!r}")
 
-    def iter_images(self, layer: int, tokens: str):
-        """Yield (first image index, acts (n, T', D)) per shard, in disk order."""
-        layer_i = self.metadata.layer_index(layer)
-        tok = self.token_slice(tokens)
-        for shard_i in range(self.metadata.n_shards):
-            rows = self.shard(shard_i)[: self.metadata.shard_n_imgs(shard_i), layer_i, tok]
-            yield shard_i * self.metadata.n_imgs_per_shard, rows
-
     def labels(self) -> np.ndarray | None:
         """Per-patch labels (n_imgs, P) when the dump recorded them."""
         fpath = self.dpath / LABELS_FNAME

@@ -15,7 +15,7 @@ import typing
 import numpy as np
 import torch
 
-from . import helpers, sae, shards
+from . import helpers, loaders, sae, shards
 
 logger = logging.getLogger("topk")
 
@@ -50,9 +50,9 @@ def top_k(
     fires_F = torch.zeros(F, dtype=torch.float64, device=device)
     sums_F = torch.zeros(F, dtype=torch.float64, device=device)
     n_vectors = 0
-    for start, rows in reader.iter_images(layer, tokens):
+    for start, rows in loaders.OrderedLoader(reader, layer, tokens):
         for lo in range(0, len(rows), imgs_per_chunk):
-            x_NTD = torch.from_numpy(np.array(rows[lo : lo + imgs_per_chunk])).to(device)
+            x_NTD = torch.from_numpy(rows[lo : lo + imgs_per_chunk]).to(device)
             N, T, D = x_NTD.shape
             f_x_NTF = model.encode(x_NTD.reshape(N * T, D)).reshape(N, T, F)
             fires_F += (f_x_NTF > 0).sum(dim=(0, 1))

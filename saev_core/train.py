@@ -43,7 +43,7 @@ def train_group(
     torch_device = helpers.pick_device(device)
     stream = group["stream"]
     reader = shards.ShardReader(shards_dpath)
-    batches = loaders.ShuffledBatches(
+    batches = loaders.ShuffledLoader(
         reader,
         stream["layer"],
         stream["tokens"],

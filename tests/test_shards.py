@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import LAYERS, N_IMGS, tiny_metadata
 
-from saev_core import datasets, dump, shards, vits
+from saev_core import datasets, dump, loaders, shards, vits
 
 # One image per shard: 40 shards, so a kill lands between and inside many shard writes.
 ONE_PER_SHARD = 130
@@ -79,7 +79,7 @@ def test_reader_rejects_unrecorded_layer(shards_dpath):
     with pytest.raises(
         shards.ShardError, match=r"layer -3 was not recorded; recorded layers: \[-2, -1\]"
     ):
-        next(reader.iter_images(-3, "patches"))
+        loaders.OrderedLoader(reader, -3, "patches")
 
 
 def test_reader_rejects_truncated_shard(shards_dpath, tmp_path):

@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from saev_core import sae, shards, topk
+from saev_core import loaders, sae, shards, topk
 
 
 def brute_force(model, reader, layer):
-    acts = np.concatenate([rows for _, rows in reader.iter_images(layer, "patches")])
+    acts = np.concatenate([rows for _, rows in loaders.OrderedLoader(reader, layer, "patches")])
     with torch.no_grad():
         f_x_NPF = model.encode(torch.from_numpy(acts.reshape(-1, acts.shape[-1]))).reshape(
             acts.shape[0], acts.shape[1], -1
