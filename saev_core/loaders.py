@@ -105,6 +105,10 @@ class ShuffledLoader:
     `buffer_vectors`; each buffer is served in a random order, and its remainder (less than a
     batch) is carried into the next buffer, so one epoch delivers every vector exactly once.
     Deterministic for a seed: all SAEs of a group can share one instance's batches.
+
+    `state_dict()` after a batch and `load_state_dict()` on a fresh loader continue with exactly
+    the next batch: the state is the random generator, epoch order and carried vectors at the
+    start of the current buffer, plus how many of its batches were delivered.
     """
 
     def __init__(
@@ -130,30 +134,47 @@ class ShuffledLoader:
         self.n_steps = n_train // batch_size
         self.buffer_vectors = max(buffer_vectors, batch_size)
         self.prefetch_buffers = prefetch_buffers
+        self.position: dict | None = None
+        """Where the last delivered batch came from; None before the first."""
+        self._resume_from: dict | None = None
 
     def __len__(self) -> int:
         return self.n_steps
 
+    def state_dict(self) -> dict:
+        assert self.position is not None, "no batch delivered yet"
+        return {**self.position, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict):
+        if (state["seed"], state["batch_size"]) != (self.seed, self.batch_size):
+            raise ValueError("loader state comes from a different seed or batch size")
+        self._resume_from = state
+
     def __iter__(self) -> typing.Iterator[torch.Tensor]:
         """Batches (B, D) float32; buffers are read and shuffled on a background thread."""
+        start = self._resume_from
+        skip = start["offset"] if start else 0
+        n_done = start["step"] + skip if start else 0
         buffers: queue.Queue = queue.Queue(maxsize=self.prefetch_buffers)
         stop = threading.Event()
         thread = threading.Thread(
-            target=self._fill, args=(buffers, stop), name="loader", daemon=True
+            target=self._fill, args=(buffers, stop, start), name="loader", daemon=True
         )
         thread.start()
         try:
-            n_done = 0
             while n_done < self.n_steps:
                 item = buffers.get()
                 if isinstance(item, BaseException):
                     raise item
-                buffer_ND, order_N = item
-                for lo in range(0, len(order_N), self.batch_size):
+                buffer_ND, order_N, state = item
+                for b in range(skip, len(order_N) // self.batch_size):
+                    self.position = {**state, "offset": b + 1}
+                    lo = b * self.batch_size
                     yield buffer_ND.index_select(0, order_N[lo : lo + self.batch_size])
                     n_done += 1
                     if n_done == self.n_steps:
                         break
+                skip = 0
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue
@@ -162,10 +183,10 @@ class ShuffledLoader:
                 except queue.Empty:
                     pass
 
-    def _fill(self, buffers: queue.Queue, stop: threading.Event):
-        """Producer: (buffer, order) pairs whose orders hold whole batches only."""
+    def _fill(self, buffers: queue.Queue, stop: threading.Event, start: dict | None):
+        """Producer: (buffer, order, state) triples whose orders hold whole batches only."""
         try:
-            for item in self._buffers():
+            for item in self._buffers(start):
                 while not stop.is_set():
                     try:
                         buffers.put(item, timeout=0.1)
@@ -177,41 +198,55 @@ class ShuffledLoader:
         except BaseException as err:
             buffers.put(err)
 
-    def _buffers(self) -> typing.Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed)
+    def _buffers(self, start: dict | None):
         D, B = self.blocks.d_vit, self.batch_size
+        gen = torch.Generator()
+        if start is None:
+            gen.manual_seed(self.seed)
+            step, order, next_i, carry_ND = (
+                0,
+                torch.empty(0, dtype=torch.long),
+                0,
+                torch.empty(0, D),
+            )
+        else:
+            gen.set_state(start["gen"])
+            step, order, next_i, carry_ND = (start[k] for k in ("step", "order", "next_i", "carry"))
         # A ring of reused buffers (fresh memory would cost a page fault per 4 KiB). Slot k is
         # refilled only after the consumer took buffer k + 1 from the queue, so it is done with k.
         max_block = max(self.blocks.n_block_vectors(block) for block in self.blocks.blocks)
         capacity = self.buffer_vectors + max_block + B
         ring = [torch.empty(capacity, D) for _ in range(self.prefetch_buffers + 2)]
-        carry_ND = torch.empty(0, D)
-        n_served = n_filled = 0
-        while n_served < self.n_steps:
-            order = torch.randperm(len(self.blocks.blocks), generator=gen).tolist()
-            next_i = 0
-            while next_i < len(order):
-                chosen = []
-                n_vectors = len(carry_ND)
-                while next_i < len(order) and n_vectors < self.buffer_vectors:
-                    chosen.append(self.blocks.blocks[order[next_i]])
-                    n_vectors += self.blocks.n_block_vectors(chosen[-1])
-                    next_i += 1
-                buffer_ND = ring[n_filled % len(ring)][:n_vectors]
-                n_filled += 1
-                buffer_ND[: len(carry_ND)] = carry_ND
-                lo = len(carry_ND)
-                for block in chosen:
-                    hi = lo + self.blocks.n_block_vectors(block)
-                    self.blocks.read_into(block, buffer_ND[lo:hi].numpy())
-                    lo = hi
-                perm_N = torch.randperm(n_vectors, generator=gen)
-                n_full = n_vectors // B * B
-                carry_ND = buffer_ND[perm_N[n_full:]]
-                yield buffer_ND, perm_N[:n_full]
-                n_served += n_full // B
-                if n_served >= self.n_steps:
-                    return
+        n_filled = 0
+        while step < self.n_steps:
+            state = {
+                "step": step,
+                "gen": gen.get_state(),
+                "order": order,
+                "next_i": next_i,
+                "carry": carry_ND,
+            }
+            if next_i == len(order):  # a new epoch
+                order, next_i = torch.randperm(len(self.blocks.blocks), generator=gen), 0
+            chosen = []
+            n_vectors = len(carry_ND)
+            while next_i < len(order) and n_vectors < self.buffer_vectors:
+                chosen.append(self.blocks.blocks[int(order[next_i])])
+                n_vectors += self.blocks.n_block_vectors(chosen[-1])
+                next_i += 1
+            buffer_ND = ring[n_filled % len(ring)][:n_vectors]
+            n_filled += 1
+            buffer_ND[: len(carry_ND)] = carry_ND
+            lo = len(carry_ND)
+            for block in chosen:
+                hi = lo + self.blocks.n_block_vectors(block)
+                self.blocks.read_into(block, buffer_ND[lo:hi].numpy())
+                lo = hi
+            perm_N = torch.randperm(n_vectors, generator=gen)
+            n_full = n_vectors // B * B
+            carry_ND = buffer_ND[perm_N[n_full:]]
+            yield buffer_ND, perm_N[:n_full], state
+            step += n_full // B
 
 
 class OrderedLoader:

@@ -79,6 +79,8 @@ class Sweep:
     """SAE id -> group id."""
     top_k: int
     render: dict
+    checkpoint_every: int
+    """Training steps between checkpoints (execution only: not in any id)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,7 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
         sae_group=sae_group,
         top_k=cfg["top_k"],
         render=cfg["render"],
+        checkpoint_every=cfg["checkpoint_every"],
     )
 
 

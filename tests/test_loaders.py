@@ -116,3 +116,22 @@ def test_ordered_loader_is_disk_order(reader):
     np.testing.assert_array_equal(ids, np.arange(N_IMGS * T))
     for start, rows in chunks:
         assert rows[0, 0, 0] == start * T  # each chunk starts at image `start`, [CLS] first
+
+
+@pytest.mark.parametrize("stop_after", [1, 5, 6, 7, 12, 30])
+def test_resuming_from_a_state_continues_with_the_next_batch(reader, stop_after):
+    """Stop points inside a buffer, at a buffer's last batch and in the second epoch."""
+    n_train = 2 * N_IMGS * N_PATCHES
+    expected = delivered_ids(shuffled(reader, n_train))
+    first = shuffled(reader, n_train)
+    got = []
+    for step, x_BD in enumerate(first):
+        got.append(x_BD[:, 0].numpy().astype(int))
+        if step + 1 == stop_after:
+            state = first.state_dict()
+            break
+    second = shuffled(reader, n_train)
+    second.load_state_dict(state)
+    got += delivered_ids(second)
+    assert len(got) == len(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -2,6 +2,10 @@
 
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -97,3 +101,41 @@ def test_unknown_checkpoint_schema_is_rejected(tmp_path):
     fpath.write_bytes(b'{"schema": 7, "cls": "SparseAutoencoder", "cfg": {}}\n')
     with pytest.raises(ValueError, match="checkpoint schema must be 1, got 7"):
         sae.load(fpath)
+
+
+def test_sigkill_then_rerun_ends_with_the_same_weights(shards_dpath, tmp_path):
+    """A group job killed after a checkpoint resumes there and matches an undisturbed run."""
+    spec = group_spec(
+        n_train=64 * 400,
+        relu={"activation": "relu", "sparsity_coeff": 0.01},
+        topk={"activation": "topk", "k": 8},
+    )
+    spec["stream"]["batch_size"] = 64
+    for cfg in spec["saes"].values():
+        cfg["batch_size"] = 64
+    undisturbed = train.train_group(spec, shards_dpath, tmp_path / "undisturbed", device="cpu")
+
+    out_dpath, work_dpath = tmp_path / "killed", tmp_path / "work"
+    argv = [sys.executable, "-m", "saev_core.train", "--group-json", json.dumps(spec)]
+    argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
+    argv += ["--work-dpath", str(work_dpath), "--checkpoint-every", "25", "--device", "cpu"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (work_dpath / "checkpoint.pt").exists():
+            time.sleep(0.05)  # a little past the checkpoint
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (out_dpath / "relu" / "sae.pt").exists()
+
+    resumed = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert "resuming from" in resumed.stderr
+    assert not work_dpath.exists()  # removed once the outputs are written
+    for sae_id, model in undisturbed.items():
+        reloaded = sae.load(out_dpath / sae_id / "sae.pt")
+        for name, param in model.state_dict().items():
+            assert torch.equal(param, reloaded.state_dict()[name]), (sae_id, name)
+        log = (out_dpath / sae_id / "train_log.csv").read_text()
+        assert log == (tmp_path / "undisturbed" / sae_id / "train_log.csv").read_text()

@@ -1,5 +1,9 @@
 rule train_group:
-    """Train every SAE of one sweep group on the same batches, in one job."""
+    """Train every SAE of one sweep group on the same batches, in one job.
+
+    Checkpoints go to results/{sweep}/work/{group}/, outside the declared output (which Snakemake
+    removes after a failure), so a killed or resubmitted job continues where it stopped.
+    """
     input:
         lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
     output:
@@ -13,8 +17,11 @@ rule train_group:
     params:
         group=get_group_json,
         shards_dpath=lambda wc, input: os.path.dirname(input[0]),
+        work_dpath=lambda wc: f"results/{wc.sweep}/work/{wc.group}",
+        checkpoint_every=lambda wc: PLAN.sweeps[wc.sweep].checkpoint_every,
         device=DEVICE,
     shell:
         "python -m saev_core.train --group-json {params.group:q}"
         " --shards-dpath {params.shards_dpath:q} --out-dpath {output:q}"
+        " --work-dpath {params.work_dpath:q} --checkpoint-every {params.checkpoint_every}"
         " --device {params.device} > {log} 2>&1"
