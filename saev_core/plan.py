@@ -18,7 +18,7 @@ SCHEMA_FPATH = (
     pathlib.Path(__file__).parent.parent / "workflow" / "schemas" / "experiments.schema.yaml"
 )
 # What decides the stream of training batches: SAEs that agree on these share one job.
-STREAM_KEYS = ("shards", "layer", "tokens", "batch_size", "n_train", "seed")
+STREAM_KEYS = ("shards", "layer", "tokens", "batch_size", "n_train", "seed", "normalize")
 
 
 class PlanError(ValueError):

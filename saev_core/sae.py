@@ -1,6 +1,11 @@
-"""The sparse autoencoder (SPEC §6) and its checkpoint format.
+"""Sparse autoencoders (SPEC §6): the architectures, stacked training, and the checkpoint format.
 
-Shape key: B = batch, D = d_vit, F = d_sae (latents).
+Shape key: M = SAEs in a stack, B = batch, D = d_vit, F = d_sae (latents), K = kept latents.
+
+Training runs a `StackedSaes` per (activation, width) in a sweep group: its SAEs as one batched
+computation over a leading M axis (one `baddbmm` per matrix product for all of them). `SparseAutoencoder` is
+one trained SAE for inference; both use the same activation functions, so a member exported from
+a stack encodes exactly as it did in training's inference mode.
 
 `sae.pt` follows the saev layout: one line of JSON (`{"schema": 1, "cls": ..., "cfg": {...}}`),
 then a `torch.save` of the state dict, so saev's checkpoints load here and ours load there.
@@ -9,111 +14,407 @@ then a `torch.save` of the state dict, so saev's checkpoints load here and ours 
 import dataclasses
 import io
 import json
+import math
 import pathlib
 import typing
 
 import torch
 
 SCHEMA = 1
-ACTIVATIONS = ("relu", "topk")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+# Matryoshka: reconstruct from these fractions of the latents too (nested dictionaries).
+MATRYOSHKA_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
+JUMPRELU_INIT_THRESHOLD = 1e-3
+JUMPRELU_BANDWIDTH = 1e-3
+"""Width of the straight-through estimator's window around the JumpReLU threshold."""
+BATCHTOPK_THRESHOLD_MOMENTUM = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
 class SaeConfig:
-    """Shape and sparsity of one SAE."""
+    """Shape, activation and objective of one SAE."""
 
     d_vit: int
     """Input width."""
     exp_factor: int = 8
     """d_sae = d_vit * exp_factor."""
     activation: str = "relu"
-    """`relu` (with an L1 penalty) or `topk` (keep the k largest pre-activations)."""
+    """`relu` (L1 penalty), `topk` (k largest per example), `batchtopk` (k x batch largest over
+    the batch; a learned threshold at inference) or `jumprelu` (per-latent threshold, L0 penalty)."""
     sparsity_coeff: float = 0.0
-    """Weight of the L1 penalty (relu)."""
+    """Weight of the L1 (relu) or L0 (jumprelu) penalty."""
     k: int = 0
-    """Latents kept per example (topk)."""
+    """Latents kept per example (topk, batchtopk)."""
+    matryoshka: bool = False
+    """Also reconstruct from nested prefixes of the latents (MATRYOSHKA_FRACTIONS)."""
+    aux_k: int = 0
+    """AuxK (topk, batchtopk): dead latents used to model the residual; 0 turns it off."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired for this many training tokens counts as dead."""
+    normalize: bool = False
+    """Subtract the data mean and scale to mean squared norm d_vit; constants are stored."""
     seed: int = 0
     """Seed of the weight initialisation."""
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation == "topk" and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"topk needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
+        if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"{self.activation} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
+        if self.aux_k and self.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"aux_k applies to topk and batchtopk, not {self.activation}")
 
     @property
     def d_sae(self) -> int:
         return self.d_vit * self.exp_factor
 
+    @property
+    def prefixes(self) -> list[int]:
+        """Latent counts whose reconstructions are trained (only d_sae without matryoshka)."""
+        if not self.matryoshka:
+            return [self.d_sae]
+        return sorted({max(1, int(self.d_sae * frac)) for frac in MATRYOSHKA_FRACTIONS})
+
 
 class Loss(typing.NamedTuple):
-    """Loss terms of one batch, each averaged over examples."""
+    """Loss terms of one batch, one value per SAE (M,), each averaged over examples."""
 
     loss: torch.Tensor
-    """What the optimiser minimises: mse + sparsity_coeff * l1 (relu) or mse (topk)."""
+    """What the optimiser minimises."""
     mse: torch.Tensor
-    """Mean squared reconstruction error per element."""
+    """Mean squared reconstruction error per element (normalised space)."""
     l0: torch.Tensor
     """Latents firing per example."""
     l1: torch.Tensor
     """Sum of latent values per example."""
+    aux: torch.Tensor
+    """AuxK loss (0 where off or nothing is dead)."""
+
+
+class StepFn(torch.autograd.Function):
+    """Heaviside step H(z - theta) with a straight-through gradient for theta (JumpReLU paper,
+    rectangle kernel of width `bandwidth`); no gradient for z."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, theta = ctx.saved_tensors
+        window = ((z - theta).abs() < ctx.bandwidth / 2).to(z.dtype)
+        grad_theta = -(1 / ctx.bandwidth) * window * grad_out
+        return None, sum_to(grad_theta, theta.shape), None
+
+
+class JumpReluFn(torch.autograd.Function):
+    """z * H(z - theta): gradient H for z, straight-through estimate -theta/eps * K for theta."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, theta = ctx.saved_tensors
+        window = ((z - theta).abs() < ctx.bandwidth / 2).to(z.dtype)
+        grad_z = (z > theta).to(z.dtype) * grad_out
+        grad_theta = -(theta / ctx.bandwidth) * window * grad_out
+        return grad_z, sum_to(grad_theta, theta.shape), None
+
+
+def sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to a parameter's shape."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(dim=0)
+    for dim, size in enumerate(shape):
+        if size == 1 and grad.shape[dim] != 1:
+            grad = grad.sum(dim=dim, keepdim=True)
+    return grad
+
+
+def keep_topk(pre_MBF: torch.Tensor, k_M: torch.Tensor) -> torch.Tensor:
+    """Per example, keep each SAE's k largest pre-activations (ReLU'd), zero the rest."""
+    k_max = int(k_M.max())
+    vals_MBK, idx_MBK = pre_MBF.topk(k_max, dim=-1)
+    keep_MBK = torch.arange(k_max, device=pre_MBF.device) < k_M[:, None, None]
+    return torch.zeros_like(pre_MBF).scatter(-1, idx_MBK, vals_MBK.relu() * keep_MBK)
+
+
+def keep_batch_topk(pre_MBF: torch.Tensor, k_M: torch.Tensor) -> torch.Tensor:
+    """Per SAE, keep the k * B largest pre-activations over the whole batch (ReLU'd)."""
+    M, B, F = pre_MBF.shape
+    k_max = int(k_M.max()) * B
+    flat_MN = pre_MBF.reshape(M, B * F)
+    vals_MK, idx_MK = flat_MN.topk(k_max, dim=-1)
+    keep_MK = torch.arange(k_max, device=pre_MBF.device) < (k_M * B)[:, None]
+    return torch.zeros_like(flat_MN).scatter(-1, idx_MK, vals_MK.relu() * keep_MK).view(M, B, F)
+
+
+class SaeParams(torch.nn.Module):
+    """Weights of M SAEs of one width: the parameters and activation both classes share."""
+
+    def __init__(self, cfgs: list[SaeConfig]):
+        super().__init__()
+        d_vit, d_sae = cfgs[0].d_vit, cfgs[0].d_sae
+        if any(
+            (c.d_vit, c.d_sae, c.activation) != (d_vit, d_sae, cfgs[0].activation) for c in cfgs
+        ):
+            raise ValueError("a stack holds SAEs of one shape (d_vit, d_sae) and activation only")
+        self.cfgs = cfgs
+        W_dec_MFD = torch.stack([init_decoder(c) for c in cfgs])
+        self.W_enc = torch.nn.Parameter(W_dec_MFD.transpose(1, 2).clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(len(cfgs), d_sae))
+        self.W_dec = torch.nn.Parameter(W_dec_MFD)
+        self.b_dec = torch.nn.Parameter(torch.zeros(len(cfgs), d_vit))
+        self.log_threshold = torch.nn.Parameter(
+            torch.full((len(cfgs), d_sae), math.log(JUMPRELU_INIT_THRESHOLD))
+        )
+        self.register_buffer("threshold", torch.zeros(len(cfgs)))  # batchtopk, inference
+        self.register_buffer("x_mean", torch.zeros(len(cfgs), d_vit))
+        self.register_buffer("x_scale", torch.ones(len(cfgs)))
+        self.kind = cfgs[0].activation
+        self.register_buffer("k", torch.tensor([c.k for c in cfgs]), persistent=False)
+
+    def normalize(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """(M, B, D): the input as each SAE sees it."""
+        return (x_BD[None] - self.x_mean[:, None]) * self.x_scale[:, None, None]
+
+    def pre_acts(self, x_MBD: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.b_enc[:, None], x_MBD - self.b_dec[:, None], self.W_enc)
+
+    def activate(self, pre_MBF: torch.Tensor, batch_topk: bool) -> torch.Tensor:
+        """Latents; `batch_topk` selects batchtopk's training rule instead of its threshold."""
+        if self.kind == "relu":
+            return pre_MBF.relu()
+        if self.kind == "topk":
+            return keep_topk(pre_MBF, self.k)
+        if self.kind == "batchtopk" and batch_topk:
+            return keep_batch_topk(pre_MBF, self.k)
+        if self.kind == "batchtopk":
+            return pre_MBF.relu() * (pre_MBF > self.threshold[:, None, None])
+        theta_M1F = self.log_threshold.exp()[:, None]
+        return JumpReluFn.apply(pre_MBF, theta_M1F, JUMPRELU_BANDWIDTH)
+
+    def decode(self, f_MBF: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.b_dec[:, None], f_MBF, self.W_dec)
+
+
+def init_decoder(cfg: SaeConfig) -> torch.Tensor:
+    """Unit-norm random decoder rows (F, D), deterministic from the SAE's seed."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    W_dec_FD = torch.randn(cfg.d_sae, cfg.d_vit, generator=gen)
+    return W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True)
+
+
+class StackedSaes(SaeParams):
+    """M SAEs of one width trained together on each batch."""
+
+    def __init__(self, cfgs: list[SaeConfig]):
+        super().__init__(cfgs)
+        self.register_buffer("tokens_since_fired", torch.zeros(len(cfgs), cfgs[0].d_sae))
+        for name in ("sparsity_coeff", "aux_k", "aux_coeff", "dead_tokens"):
+            values = torch.tensor([getattr(c, name) for c in cfgs])
+            self.register_buffer(name, values, persistent=False)
+
+    @torch.no_grad()
+    def init_from_batch(self, x_BD: torch.Tensor):
+        """Normalisation constants (for SAEs that normalise) and b_dec from the first batch."""
+        mean_D = x_BD.mean(dim=0)
+        scale = math.sqrt(x_BD.shape[1]) / (x_BD - mean_D).norm(dim=1).mean()
+        for m, cfg in enumerate(self.cfgs):
+            if cfg.normalize:
+                self.x_mean[m], self.x_scale[m] = mean_D, scale
+        self.b_dec.copy_(self.normalize(x_BD).mean(dim=1))
+
+    def loss(self, x_BD: torch.Tensor, sparsity_scale_M: torch.Tensor) -> Loss:
+        """Per-SAE losses; `sparsity_scale_M` is the sparsity warm-up factor in [0, 1]."""
+        x_MBD = self.normalize(x_BD)
+        pre_MBF = self.pre_acts(x_MBD)
+        f_MBF = self.activate(pre_MBF, batch_topk=True)
+        x_hat_MBD = self.decode(f_MBF)
+        mse_M = (x_hat_MBD - x_MBD).pow(2).mean(dim=(1, 2))
+        recon_M = self.matryoshka_mse(f_MBF, x_MBD, mse_M)
+        l1_M = f_MBF.sum(dim=-1).mean(dim=1)  # every activation is non-negative
+        l0_M = torch.count_nonzero(f_MBF, dim=-1).float().mean(dim=1)
+        penalty_M = self.penalty(pre_MBF, l1_M)
+        aux_M = self.aux_loss(pre_MBF, x_MBD - x_hat_MBD.detach())
+        loss_M = recon_M + self.sparsity_coeff * sparsity_scale_M * penalty_M
+        loss_M = loss_M + self.aux_coeff * aux_M
+        with torch.no_grad():
+            self.track_firing(f_MBF)
+            if self.kind == "batchtopk":
+                self.update_batchtopk_threshold(f_MBF)
+        return Loss(loss=loss_M, mse=mse_M, l0=l0_M, l1=l1_M, aux=aux_M)
+
+    def penalty(self, pre_MBF: torch.Tensor, l1_M: torch.Tensor) -> torch.Tensor:
+        """The sparsity term: L1 (relu), L0 (jumprelu) or none (the top-k kinds)."""
+        if self.kind == "relu":
+            return l1_M
+        if self.kind == "jumprelu":
+            theta_M1F = self.log_threshold.exp()[:, None]
+            return StepFn.apply(pre_MBF, theta_M1F, JUMPRELU_BANDWIDTH).sum(dim=-1).mean(dim=1)
+        return torch.zeros_like(l1_M)
+
+    def matryoshka_mse(self, f_MBF, x_MBD, mse_M) -> torch.Tensor:
+        """Mean over each SAE's prefixes of the reconstruction error from only those latents."""
+        if not any(c.matryoshka for c in self.cfgs):
+            return mse_M
+        terms_M = torch.zeros_like(mse_M)
+        counts_M = torch.zeros_like(mse_M)
+        for p in sorted({p for c in self.cfgs for p in c.prefixes}):
+            has_M = torch.tensor([p in c.prefixes for c in self.cfgs], device=mse_M.device)
+            if p == self.cfgs[0].d_sae:
+                mse_p_M = mse_M
+            else:
+                x_hat_p = torch.baddbmm(self.b_dec[:, None], f_MBF[..., :p], self.W_dec[:, :p])
+                mse_p_M = (x_hat_p - x_MBD).pow(2).mean(dim=(1, 2))
+            terms_M = terms_M + has_M * mse_p_M
+            counts_M = counts_M + has_M
+        return terms_M / counts_M
+
+    def aux_loss(self, pre_MBF: torch.Tensor, residual_MBD: torch.Tensor) -> torch.Tensor:
+        """AuxK: the `aux_k` largest dead latents reconstruct what the SAE missed (normalised MSE)."""
+        aux_M = torch.zeros(len(self.cfgs), device=pre_MBF.device)
+        if int(self.aux_k.max()) == 0:
+            return aux_M
+        dead_MF = self.tokens_since_fired >= self.dead_tokens[:, None]
+        if not dead_MF.any():
+            return aux_M
+        masked_MBF = pre_MBF.masked_fill(~dead_MF[:, None], float("-inf"))
+        k_M = torch.minimum(self.aux_k, dead_MF.sum(dim=1))
+        f_aux_MBF = keep_topk(masked_MBF, k_M).nan_to_num(0.0)
+        e_hat_MBD = torch.bmm(f_aux_MBF, self.W_dec)
+        err_M = (e_hat_MBD - residual_MBD).pow(2).mean(dim=(1, 2))
+        var_M = (residual_MBD - residual_MBD.mean(dim=1, keepdim=True)).pow(2).mean(dim=(1, 2))
+        return torch.where(k_M > 0, err_M / var_M.clamp_min(1e-12), 0.0)
+
+    def track_firing(self, f_MBF: torch.Tensor):
+        fired_MF = (f_MBF > 0).any(dim=1)
+        self.tokens_since_fired += f_MBF.shape[1]
+        self.tokens_since_fired.masked_fill_(fired_MF, 0)
+
+    def update_batchtopk_threshold(self, f_MBF: torch.Tensor):
+        """Running mean of the smallest kept activation: batchtopk's per-example rule at inference."""
+        smallest_M = torch.where(f_MBF > 0, f_MBF, float("inf")).flatten(1).amin(dim=1)
+        smallest_M = torch.where(smallest_M.isfinite(), smallest_M, 0.0)
+        m = BATCHTOPK_THRESHOLD_MOMENTUM
+        ema_M = m * self.threshold + (1 - m) * smallest_M
+        self.threshold.copy_(torch.where(self.threshold == 0, smallest_M, ema_M))
+
+    def dead_fraction(self) -> torch.Tensor:
+        return (self.tokens_since_fired >= self.dead_tokens[:, None]).float().mean(dim=1)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self):
+        """Drop the gradient component along each decoder row, which only rescales it."""
+        parallel_MF1 = (self.W_dec.grad * self.W_dec).sum(dim=2, keepdim=True)
+        self.W_dec.grad -= parallel_MF1 * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self):
+        self.W_dec /= self.W_dec.norm(dim=2, keepdim=True)
+
+    def member(self, m: int) -> "SparseAutoencoder":
+        """SAE `m` on its own, for inference and `sae.pt`."""
+        single = SparseAutoencoder(self.cfgs[m])
+        keys = single_keys(single.cfg)
+        single.load_state_dict({k: v[m] for k, v in stack_state(self).items() if k in keys})
+        return single.to(self.b_dec.device)
+
+
+def single_keys(cfg: SaeConfig) -> set[str]:
+    """The state-dict entries a single SAE stores: saev's four, plus what its options need."""
+    keys = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    if cfg.activation == "jumprelu":
+        keys.add("log_threshold")
+    if cfg.activation == "batchtopk":
+        keys.add("threshold")
+    if cfg.normalize:
+        keys |= {"x_mean", "x_scale"}
+    return keys
 
 
 class SparseAutoencoder(torch.nn.Module):
+    """One trained SAE for inference: `encode`, `decode` and `forward` on (B, D) inputs in the
+    original activation space (normalisation, when used, is applied and undone inside)."""
+
     def __init__(self, cfg: SaeConfig):
         super().__init__()
         self.cfg = cfg
-        gen = torch.Generator().manual_seed(cfg.seed)
-        W_dec_FD = torch.randn(cfg.d_sae, cfg.d_vit, generator=gen)
-        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        self.W_enc = torch.nn.Parameter(W_dec_FD.T.clone())
-        self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
-        self.W_dec = torch.nn.Parameter(W_dec_FD)
-        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_vit))
+        self.stack = SaeParams([cfg])
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        keys = single_keys(self.cfg)
+        return {name: value[0] for name, value in stack_state(self.stack).items() if name in keys}
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        expected = single_keys(self.cfg)
+        if strict and set(state) != expected:
+            raise ValueError(f"SAE state must have exactly {sorted(expected)}, got {sorted(state)}")
+        with torch.no_grad():
+            for name, value in state.items():
+                getattr(self.stack, name)[0].copy_(value)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        return self.stack.W_enc[0]
+
+    @property
+    def b_enc(self) -> torch.Tensor:
+        return self.stack.b_enc[0]
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return self.stack.W_dec[0]
+
+    @property
+    def b_dec(self) -> torch.Tensor:
+        return self.stack.b_dec[0]
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        pre_BF = (x_BD - self.b_dec) @ self.W_enc + self.b_enc
-        if self.cfg.activation == "topk":
-            vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1)
-            return torch.zeros_like(pre_BF).scatter(-1, idx_BK, vals_BK.relu())
-        return pre_BF.relu()
+        x_MBD = self.stack.normalize(x_BD)
+        return self.stack.activate(self.stack.pre_acts(x_MBD), batch_topk=False)[0]
 
     def decode(self, f_x_BF: torch.Tensor) -> torch.Tensor:
-        return f_x_BF @ self.W_dec + self.b_dec
+        x_hat_BD = self.stack.decode(f_x_BF[None])[0]
+        return x_hat_BD / self.stack.x_scale[0] + self.stack.x_mean[0]
 
     def forward(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f_x_BF = self.encode(x_BD)
         return self.decode(f_x_BF), f_x_BF
 
-    def loss(self, x_BD: torch.Tensor) -> Loss:
-        x_hat_BD, f_x_BF = self(x_BD)
-        mse = (x_hat_BD - x_BD).pow(2).mean()
-        l1 = f_x_BF.abs().sum(dim=-1).mean()
-        l0 = (f_x_BF > 0).float().sum(dim=-1).mean()
-        loss = mse + self.cfg.sparsity_coeff * l1 if self.cfg.activation == "relu" else mse
-        return Loss(loss=loss, mse=mse, l0=l0, l1=l1)
 
-    @torch.no_grad()
-    def remove_parallel_grads(self):
-        """Drop the gradient component along each decoder row, which only rescales it."""
-        parallel_F = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel_F * self.W_dec
-
-    @torch.no_grad()
-    def normalize_decoder(self):
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+def stack_state(params: SaeParams) -> dict[str, torch.Tensor]:
+    """Every per-SAE tensor of a stack, (M, ...) each."""
+    return {
+        "W_enc": params.W_enc.detach(),
+        "b_enc": params.b_enc.detach(),
+        "W_dec": params.W_dec.detach(),
+        "b_dec": params.b_dec.detach(),
+        "log_threshold": params.log_threshold.detach(),
+        "threshold": params.threshold,
+        "x_mean": params.x_mean,
+        "x_scale": params.x_scale,
+    }
 
 
-def save(fpath: pathlib.Path, sae: SparseAutoencoder, **extra):
+def save(fpath: pathlib.Path, model: SparseAutoencoder, **extra):
     """Write `sae.pt`: a JSON header line then the state dict. `extra` goes into the header."""
     header = {
         "schema": SCHEMA,
         "cls": "SparseAutoencoder",
-        "cfg": dataclasses.asdict(sae.cfg),
+        "cfg": dataclasses.asdict(model.cfg),
         **extra,
     }
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in sae.state_dict().items()}, buffer)
+    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buffer)
     fpath = pathlib.Path(fpath)
     tmp_fpath = fpath.with_name(f".{fpath.name}.tmp")
     tmp_fpath.write_bytes((json.dumps(header) + "\n").encode() + buffer.getvalue())
@@ -136,12 +437,12 @@ def load(fpath: pathlib.Path, device: str | torch.device = "cpu") -> SparseAutoe
             )
         if header.get("cls") != "SparseAutoencoder":
             raise ValueError(f"{fpath}: unknown checkpoint class {header.get('cls')!r}")
-        state = torch.load(io.BytesIO(fd.read()), weights_only=True, map_location=device)
+        state = torch.load(io.BytesIO(fd.read()), weights_only=True, map_location="cpu")
     fields = {f.name for f in dataclasses.fields(SaeConfig)}
     cfg = SaeConfig(**{k: v for k, v in header["cfg"].items() if k in fields})
-    sae = SparseAutoencoder(cfg)
-    sae.load_state_dict(state)
-    return sae.to(device)
+    model = SparseAutoencoder(cfg)
+    model.load_state_dict(state)
+    return model.to(device)
 
 
 def load_trained(

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import pathlib
 import shutil
 import time
@@ -23,54 +24,112 @@ import torch
 from . import helpers, loaders, sae, shards
 
 logger = logging.getLogger("train")
-LOG_FIELDS = ("step", "loss", "mse", "l0", "l1", "lr")
+LOG_FIELDS = ("step", "loss", "mse", "l0", "l1", "aux", "lr", "sparsity_coeff", "dead_frac")
 CHECKPOINT_FNAME = "checkpoint.pt"
+# Keys of a sweep's SAE entry that configure the SAE itself (the rest configure training).
+SAE_KEYS = ("exp_factor", "activation", "sparsity_coeff", "k", "matryoshka", "aux_k", "normalize")
 
 
 def sae_config(d_vit: int, cfg: dict) -> sae.SaeConfig:
-    return sae.SaeConfig(
-        d_vit=d_vit,
-        exp_factor=cfg["exp_factor"],
-        activation=cfg["activation"],
-        sparsity_coeff=cfg.get("sparsity_coeff", 0.0),
-        k=cfg.get("k", 0),
-        seed=cfg["seed"],
-    )
+    return sae.SaeConfig(d_vit=d_vit, seed=cfg["seed"], **{k: cfg[k] for k in SAE_KEYS if k in cfg})
 
 
-class Member:
-    """One SAE of the group with its optimiser, LR schedule and log."""
+class StackedAdam:
+    """Adam over stacked parameters with one learning rate per SAE (leading axis), the same
+    update as `torch.optim.Adam` applied to each SAE alone."""
 
-    def __init__(self, cfg: dict, d_vit: int, device: torch.device):
-        self.cfg = cfg
-        self.model = sae.SparseAutoencoder(sae_config(d_vit, cfg)).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
-        warmup = max(1, cfg["warmup_steps"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
+    def __init__(self, params: list[torch.nn.Parameter], betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.betas, self.eps = params, betas, eps
+        self.t = 0
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
 
-    def step(self, x_BD: torch.Tensor) -> sae.Loss:
-        losses = self.model.loss(x_BD)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
-        self.model.remove_parallel_grads()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.model.normalize_decoder()
-        return losses
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr_M: torch.Tensor):
+        self.t += 1
+        beta1, beta2 = self.betas
+        bias_correction1 = 1 - beta1**self.t
+        bias_correction2_sqrt = math.sqrt(1 - beta2**self.t)
+        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            if p.grad is None:
+                continue
+            exp_avg.lerp_(p.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            step_size = (lr_M / bias_correction1).view(-1, *([1] * (p.dim() - 1)))
+            p.sub_(step_size * exp_avg / denom)
 
     def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+        return {"t": self.t, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_state_dict(self, state: dict):
+        self.t = state["t"]
+        for mine, saved in zip(
+            self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"], strict=True
+        ):
+            mine.copy_(saved)
+
+
+class Stack:
+    """The group's SAEs of one activation and width: a `StackedSaes`, its optimiser and per-SAE
+    schedules."""
+
+    def __init__(self, cfgs: dict[str, dict], d_vit: int, n_steps: int, device: torch.device):
+        self.sae_ids = sorted(cfgs)
+        self.cfgs = [cfgs[sae_id] for sae_id in self.sae_ids]
+        self.n_steps = n_steps
+        self.model = sae.StackedSaes([sae_config(d_vit, c) for c in self.cfgs]).to(device)
+        self.optimizer = StackedAdam(list(self.model.parameters()))
+        self.device = device
+
+    def lr(self, step: int) -> torch.Tensor:
+        """Linear warm-up, then constant or cosine decay to zero at the last step."""
+        lrs = []
+        for cfg in self.cfgs:
+            warmup = max(1, cfg["warmup_steps"])
+            factor = min(1.0, (step + 1) / warmup)
+            if cfg["lr_schedule"] == "cosine" and step >= warmup:
+                progress = (step - warmup) / max(1, self.n_steps - warmup)
+                factor = 0.5 * (1 + math.cos(math.pi * progress))
+            lrs.append(cfg["lr"] * factor)
+        return torch.tensor(lrs, device=self.device)
+
+    def sparsity_scale(self, step: int) -> torch.Tensor:
+        """Linear warm-up of the sparsity coefficient over `sparsity_warmup_steps`."""
+        scales = [min(1.0, (step + 1) / max(1, c["sparsity_warmup_steps"])) for c in self.cfgs]
+        return torch.tensor(scales, device=self.device)
+
+    def step(self, x_BD: torch.Tensor, step: int) -> tuple[sae.Loss, torch.Tensor, torch.Tensor]:
+        """One update of every SAE; returns the losses, learning rates and sparsity coefficients."""
+        if step == 0:
+            self.model.init_from_batch(x_BD)
+        lr_M, scale_M = self.lr(step), self.sparsity_scale(step)
+        losses = self.model.loss(x_BD, scale_M)
+        self.optimizer.zero_grad()
+        losses.loss.sum().backward()  # independent SAEs: each gets its own loss's gradient
+        self.model.remove_parallel_grads()
+        self.optimizer.step(lr_M)
+        self.model.normalize_decoder()
+        return losses, lr_M, self.model.sparsity_coeff * scale_M
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def make_stacks(saes: dict[str, dict], d_vit: int, n_steps: int, device) -> dict[str, Stack]:
+    """One stack per (activation, width) in the group, keyed like `topk-x8`."""
+    by_kind: dict[str, dict[str, dict]] = {}
+    for sae_id, cfg in saes.items():
+        by_kind.setdefault(f"{cfg['activation']}-x{cfg['exp_factor']}", {})[sae_id] = cfg
+    return {name: Stack(cfgs, d_vit, n_steps, device) for name, cfgs in sorted(by_kind.items())}
 
 
 def train_group(
@@ -100,26 +159,20 @@ def train_group(
         stream["n_train"],
         stream["seed"],
     )
-    d_vit = reader.metadata.d_vit
-    members = {sae_id: Member(cfg, d_vit, torch_device) for sae_id, cfg in group["saes"].items()}
-    first_step = resume(work_dpath, group, members, batches)
-    logs = open_logs(work_dpath, members, first_step)
+    saes = {sae_id: with_defaults(cfg) for sae_id, cfg in group["saes"].items()}
+    stacks = make_stacks(saes, reader.metadata.d_vit, len(batches), torch_device)
+    first_step = resume(work_dpath, group, stacks, batches)
+    logs = open_logs(work_dpath, sorted(saes), first_step)
 
     t0 = time.perf_counter()
     try:
         for step, x_BD in enumerate(batches, start=first_step):
-            x_BD = x_BD.to(torch_device)
-            if step == 0:
-                with torch.no_grad():
-                    for member in members.values():
-                        member.model.b_dec.copy_(x_BD.mean(dim=0))
+            x_BD = x_BD.to(torch_device, non_blocking=True)
             is_log_step = step % log_every == 0 or step == len(batches) - 1
-            for sae_id, member in members.items():
-                losses = member.step(x_BD)
+            for stack in stacks.values():
+                losses, lr_M, coeff_M = stack.step(x_BD, step)
                 if is_log_step:
-                    row = {k: getattr(losses, k).item() for k in ("loss", "mse", "l0", "l1")}
-                    row.update(step=step, lr=member.optimizer.param_groups[0]["lr"])
-                    logs[sae_id][1].writerow(row)
+                    write_log_rows(logs, stack, step, losses, lr_M, coeff_M)
             if is_log_step:
                 rate = (step + 1 - first_step) / (time.perf_counter() - t0)
                 eta_s = (len(batches) - step - 1) / rate
@@ -127,26 +180,49 @@ def train_group(
                     "step %d/%d, %.1f steps/s, ETA %.0fs", step + 1, len(batches), rate, eta_s
                 )
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < len(batches):
-                save_checkpoint(work_dpath, group, step + 1, members, batches, logs)
+                save_checkpoint(work_dpath, group, step + 1, stacks, batches, logs)
     finally:
         for log_fd, _ in logs.values():
             log_fd.close()
 
+    models = {
+        sae_id: stack.model.member(m)
+        for stack in stacks.values()
+        for m, sae_id in enumerate(stack.sae_ids)
+    }
     out_dpath.mkdir(parents=True, exist_ok=True)
-    for sae_id, member in members.items():
+    for sae_id, model in models.items():
         (out_dpath / sae_id).mkdir(exist_ok=True)
         shutil.copyfile(work_dpath / f"{sae_id}.csv", out_dpath / sae_id / "train_log.csv")
-        sae.save(out_dpath / sae_id / "sae.pt", member.model, train=member.cfg)
-    summary = {"stream": stream, "saes": sorted(group["saes"]), "steps": len(batches)}
+        sae.save(out_dpath / sae_id / "sae.pt", model, train=group["saes"][sae_id])
+    summary = {"stream": stream, "saes": sorted(saes), "steps": len(batches)}
     (out_dpath / "group.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(work_dpath)
-    return {sae_id: member.model for sae_id, member in members.items()}
+    return models
+
+
+def with_defaults(cfg: dict) -> dict:
+    """Training options a hand-written group spec may leave out (the schema fills them)."""
+    return {"lr_schedule": "constant", "sparsity_warmup_steps": 0, **cfg}
+
+
+def write_log_rows(logs: dict, stack: Stack, step: int, losses: sae.Loss, lr_M, coeff_M):
+    dead_M = stack.model.dead_fraction()
+    for m, sae_id in enumerate(stack.sae_ids):
+        row = {k: getattr(losses, k)[m].item() for k in ("loss", "mse", "l0", "l1", "aux")}
+        row.update(
+            step=step,
+            lr=lr_M[m].item(),
+            sparsity_coeff=coeff_M[m].item(),
+            dead_frac=dead_M[m].item(),
+        )
+        logs[sae_id][1].writerow(row)
 
 
 def resume(
     work_dpath: pathlib.Path,
     group: dict,
-    members: dict[str, Member],
+    stacks: dict[str, Stack],
     batches: loaders.ShuffledLoader,
 ) -> int:
     """Load the work folder's checkpoint, if any; return the step to continue from."""
@@ -157,10 +233,9 @@ def resume(
     if ckpt["group"] != group:
         logger.warning("%s belongs to another configuration; starting over", fpath)
         return 0
-    for sae_id, member in members.items():
-        member.load_state_dict(ckpt["members"][sae_id])
+    for name, stack in stacks.items():
+        stack.load_state_dict(ckpt["stacks"][name])
     batches.load_state_dict(ckpt["loader"])
-    torch.set_rng_state(ckpt["torch_rng"])
     logger.info("resuming from %s at step %d", fpath, ckpt["step"])
     return ckpt["step"]
 
@@ -169,7 +244,7 @@ def save_checkpoint(
     work_dpath: pathlib.Path,
     group: dict,
     step: int,
-    members: dict[str, Member],
+    stacks: dict[str, Stack],
     batches: loaders.ShuffledLoader,
     logs: dict,
 ):
@@ -179,20 +254,19 @@ def save_checkpoint(
     ckpt = {
         "group": group,
         "step": step,
-        "members": {sae_id: member.state_dict() for sae_id, member in members.items()},
+        "stacks": {name: stack.state_dict() for name, stack in stacks.items()},
         "loader": batches.state_dict(),
-        "torch_rng": torch.get_rng_state(),
     }
     tmp_fpath = work_dpath / f".{CHECKPOINT_FNAME}.tmp"
     torch.save(ckpt, tmp_fpath)
     tmp_fpath.replace(work_dpath / CHECKPOINT_FNAME)
 
 
-def open_logs(work_dpath: pathlib.Path, members: dict[str, Member], first_step: int) -> dict:
+def open_logs(work_dpath: pathlib.Path, sae_ids: list[str], first_step: int) -> dict:
     """Per-SAE CSV logs in the work folder, cut back to the rows before `first_step`."""
     work_dpath.mkdir(parents=True, exist_ok=True)
     logs = {}
-    for sae_id in members:
+    for sae_id in sae_ids:
         fpath = work_dpath / f"{sae_id}.csv"
         kept = []
         if first_step > 0 and fpath.exists():
@@ -216,6 +290,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     helpers.setup_logging()
+    helpers.keep_freed_memory()
     train_group(
         json.loads(args.group_json),
         args.shards_dpath,

@@ -30,13 +30,14 @@ def test_expand_grid_lists_and_alternatives():
     ]
 
 
-def test_embedded_default_has_two_groups_of_four(config):
+def test_embedded_default_has_two_groups_of_every_architecture(config):
     sweep = plan.make_plan(config).sweeps["tiny-synthetic"]
-    assert len(sweep.saes) == 8
-    assert sorted(len(g.sae_ids) for g in sweep.groups.values()) == [4, 4]
+    assert len(sweep.saes) == 14
+    assert sorted(len(g.sae_ids) for g in sweep.groups.values()) == [7, 7]
     for group in sweep.groups.values():
         kinds = sorted(sweep.saes[s]["activation"] for s in group.sae_ids)
-        assert kinds == ["relu", "relu", "topk", "topk"]
+        assert kinds == ["batchtopk", "jumprelu", "relu", "relu", "topk", "topk", "topk"]
+        assert sum(sweep.saes[s]["matryoshka"] for s in group.sae_ids) == 1
         assert len({sweep.saes[s]["layer"] for s in group.sae_ids}) == 1
 
 
@@ -54,7 +55,7 @@ def test_ids_do_not_depend_on_yaml_order(config):
 def test_cap_splits_groups(config):
     config["sweeps"]["tiny-synthetic"]["max_saes_per_group"] = 3
     sweep = plan.make_plan(config).sweeps["tiny-synthetic"]
-    assert sorted(len(g.sae_ids) for g in sweep.groups.values()) == [1, 1, 3, 3]
+    assert sorted(len(g.sae_ids) for g in sweep.groups.values()) == [1, 1, 3, 3, 3, 3]
 
 
 def test_one_value_changes_one_group(config):

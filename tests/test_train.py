@@ -23,7 +23,7 @@ def test_group_training_lowers_error_from_initialisation(shards_dpath, trained_d
         after = evaluate.evaluate(trained, reader, -1, "patches")
         assert after["normalized_mse"] < 0.7 * before["normalized_mse"], sae_id
     log = (trained_dpath / "relu" / "train_log.csv").read_text().splitlines()
-    assert log[0] == "step,loss,mse,l0,l1,lr"
+    assert log[0] == "step,loss,mse,l0,l1,aux,lr,sparsity_coeff,dead_frac"
     assert len(log) > 3
 
 

@@ -1,0 +1,95 @@
+"""What does a sweep group save? One job training 8 stacked SAEs against 8 single-SAE jobs.
+
+Writes a shard directory of random activations (d_vit 384, 197 tokens), then times, in one run:
+- one `python -m saev_core.train` job with a group of 8 SAEs (expansion 8, batch 4096; four
+  ReLU and four TopK variants, all one stack), and
+- 8 such jobs with one SAE each, over the same shards and the same number of steps.
+Each job is a real process, as on a cluster: it starts Python and torch, validates the shards,
+fills its shuffle buffers and reads its batches. Per-step arithmetic is the same on both sides,
+so the difference is the shared work a group does once.
+
+    python benchmarks/train.py [--steps 12] [--device cpu]
+
+The last line is `BENCH group8_vs_singles=<group time / singles time> target<=0.8`.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from saev_core import shards
+
+D_VIT, N_TOKENS, BATCH = 384, 197, 4096
+SAES = {
+    **{f"relu{c}": {"activation": "relu", "sparsity_coeff": c} for c in (1e-4, 3e-4, 1e-3, 3e-3)},
+    **{f"topk{k}": {"activation": "topk", "k": k} for k in (16, 32, 64, 128)},
+}
+
+
+def write_shards(root: pathlib.Path, n_vectors: int) -> pathlib.Path:
+    n_imgs = -(-n_vectors // N_TOKENS)
+    metadata = shards.Metadata(
+        vit_family="tiny",
+        vit_ckpt="random",
+        layers=(-1,),
+        n_patches_per_img=N_TOKENS - 1,
+        cls_token=True,
+        d_vit=D_VIT,
+        n_imgs=n_imgs,
+        max_patches_per_shard=N_TOKENS * 128,
+        data={"__class__": "random"},
+    )
+    writer = shards.ShardWriter(root / metadata.hash, metadata)
+    rng = np.random.default_rng(0)
+    for shard_i in range(metadata.n_shards):
+        acts_SLTD = writer.open_shard(shard_i)
+        acts_SLTD[:] = rng.standard_normal(metadata.shard_shape, dtype=np.float32)
+        writer.finish_shard(shard_i, acts_SLTD)
+    writer.publish()
+    return writer.dpath
+
+
+def run_job(saes: dict, shards_dpath: pathlib.Path, out_dpath: pathlib.Path, steps: int, device):
+    """One training job in its own process; returns its wall time in seconds."""
+    stream = {"layer": -1, "tokens": "all", "batch_size": BATCH, "n_train": BATCH * steps}
+    common = {**stream, "seed": 0, "lr": 1e-3, "warmup_steps": 2, "exp_factor": 8}
+    group = {"stream": {**stream, "seed": 0}, "saes": {i: {**common, **c} for i, c in saes.items()}}
+    argv = [sys.executable, "-m", "saev_core.train", "--group-json", json.dumps(group)]
+    argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
+    argv += ["--work-dpath", str(out_dpath.with_name(out_dpath.name + "-work")), "--device", device]
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_dpath = pathlib.Path(tmp)
+        shards_dpath = write_shards(tmp_dpath / "shards", BATCH * args.steps)
+        group_s = run_job(SAES, shards_dpath, tmp_dpath / "group", args.steps, args.device)
+        single_s = [
+            run_job({i: c}, shards_dpath, tmp_dpath / i, args.steps, args.device)
+            for i, c in SAES.items()
+        ]
+
+    print(f"{len(SAES)} SAEs, d_vit {D_VIT}, d_sae {D_VIT * 8}, batch {BATCH}, {args.steps} steps")
+    print(f"one group job:        {group_s:7.1f} s")
+    print(
+        f"8 single-SAE jobs:    {sum(single_s):7.1f} s  ({', '.join(f'{s:.1f}' for s in single_s)})"
+    )
+    print(f"BENCH group8_vs_singles={group_s / sum(single_s):.3f} target<=0.8")
+
+
+if __name__ == "__main__":
+    main()
