@@ -167,3 +167,19 @@ def test_unknown_architecture_is_an_error():
         sae.SaeConfig(d_vit=4, activation="gated")
     with pytest.raises(ValueError, match="aux_k applies to topk and batchtopk, not relu"):
         sae.SaeConfig(d_vit=4, activation="relu", aux_k=4)
+
+
+def test_auxk_trains_dead_latents_on_the_residual():
+    cfg = sae.SaeConfig(d_vit=8, exp_factor=4, activation="topk", k=2, aux_k=4, dead_tokens=1)
+    stack = sae.StackedSaes([cfg])
+    x = torch.randn(16, 8)
+    stack.init_from_batch(x)
+    stack.loss(x, torch.ones(1))  # marks the latents that did not fire as dead
+    dead_F = stack.tokens_since_fired[0] >= 1
+    assert dead_F.any() and not dead_F.all()
+    losses = stack.loss(x, torch.ones(1))
+    assert losses.aux[0] > 0
+    losses.aux.sum().backward()
+    grad_norm_F = stack.W_enc.grad[0].norm(dim=0)
+    assert (grad_norm_F[~dead_F] == 0).all()  # only dead latents learn from AuxK
+    assert (grad_norm_F[dead_F] > 0).any()
