@@ -7,7 +7,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Extra arguments for snakemake, e.g. `make run ARGS="-n"`.
 ARGS ?=
 
-.PHONY: install run test lint report clean
+# The Slurm test kit (a real single-node cluster; needs root, installs Debian's Slurm packages).
+SLURM_KIT ?= $(abspath ../shared/slurm)
+
+.PHONY: install run test test-slurm lint report clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +27,9 @@ run: install
 
 test: install
 	pytest -q tests $(ARGS)
+
+test-slurm: install
+	SAEV_SLURM_KIT=$(SLURM_KIT) timeout -s KILL 1800 pytest -q tests/test_slurm.py $(ARGS)
 
 lint: install
 	ruff check saev_core tests benchmarks
