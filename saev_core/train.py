@@ -4,8 +4,8 @@ Run as `python -m saev_core.train --group-json '{...}' --shards-dpath results/sh
 --out-dpath results/<sweep>/groups/<group> --work-dpath results/<sweep>/work/<group>`. Writes
 `<sae id>/sae.pt` and `<sae id>/train_log.csv` for each SAE, and `group.json`.
 
-While it runs, the job keeps its logs and a training checkpoint (weights, optimiser and scheduler
-states, loader position) in the work folder, outside the output Snakemake removes after a failure.
+While it runs, the job keeps its logs and a training checkpoint (weights, optimiser state, firing
+counters, loader position) in the work folder, outside the output Snakemake removes after a failure.
 A job killed at any moment and run again continues from its last checkpoint and ends with the
 same weights as an uninterrupted run; the work folder is removed once the outputs are written.
 """
