@@ -15,34 +15,12 @@ import pathlib
 import tempfile
 import time
 
-import numpy as np
 import torch
+from random_shards import write_random_shards
 
 from saev_core import loaders, shards
 
 D_VIT, N_TOKENS = 384, 197
-
-
-def write_shards(root: pathlib.Path, n_imgs: int) -> shards.ShardReader:
-    metadata = shards.Metadata(
-        vit_family="tiny",
-        vit_ckpt="random",
-        layers=(-1,),
-        n_patches_per_img=N_TOKENS - 1,
-        cls_token=True,
-        d_vit=D_VIT,
-        n_imgs=n_imgs,
-        max_patches_per_shard=N_TOKENS * 256,
-        data={"__class__": "random"},
-    )
-    writer = shards.ShardWriter(root / metadata.hash, metadata)
-    rng = np.random.default_rng(0)
-    for shard_i in range(metadata.n_shards):
-        acts_SLTD = writer.open_shard(shard_i)
-        acts_SLTD[:] = rng.standard_normal(metadata.shard_shape, dtype=np.float32)
-        writer.finish_shard(shard_i, acts_SLTD)
-    writer.publish()
-    return shards.ShardReader(writer.dpath)
 
 
 def raw_read_s(reader: shards.ShardReader) -> float:
@@ -64,7 +42,7 @@ def main():
     n_imgs = args.mb * 2**20 // (N_TOKENS * D_VIT * 4)
 
     with tempfile.TemporaryDirectory() as tmp:
-        reader = write_shards(pathlib.Path(tmp), n_imgs)
+        reader = write_random_shards(pathlib.Path(tmp), n_imgs, D_VIT, N_TOKENS, 256)
         nbytes = reader.metadata.n_shards * reader.metadata.shard_nbytes
         raw_read_s(reader)  # warm the page cache
         raw_s = sum(raw_read_s(reader) for _ in range(args.epochs))

@@ -21,38 +21,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
-from saev_core import shards
+from random_shards import write_random_shards
 
 D_VIT, N_TOKENS, BATCH = 384, 197, 4096
 SAES = {
     **{f"relu{c}": {"activation": "relu", "sparsity_coeff": c} for c in (1e-4, 3e-4, 1e-3, 3e-3)},
     **{f"topk{k}": {"activation": "topk", "k": k} for k in (16, 32, 64, 128)},
 }
-
-
-def write_shards(root: pathlib.Path, n_vectors: int) -> pathlib.Path:
-    n_imgs = -(-n_vectors // N_TOKENS)
-    metadata = shards.Metadata(
-        vit_family="tiny",
-        vit_ckpt="random",
-        layers=(-1,),
-        n_patches_per_img=N_TOKENS - 1,
-        cls_token=True,
-        d_vit=D_VIT,
-        n_imgs=n_imgs,
-        max_patches_per_shard=N_TOKENS * 128,
-        data={"__class__": "random"},
-    )
-    writer = shards.ShardWriter(root / metadata.hash, metadata)
-    rng = np.random.default_rng(0)
-    for shard_i in range(metadata.n_shards):
-        acts_SLTD = writer.open_shard(shard_i)
-        acts_SLTD[:] = rng.standard_normal(metadata.shard_shape, dtype=np.float32)
-        writer.finish_shard(shard_i, acts_SLTD)
-    writer.publish()
-    return writer.dpath
 
 
 def run_job(saes: dict, shards_dpath: pathlib.Path, out_dpath: pathlib.Path, steps: int, device):
@@ -76,7 +51,9 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dpath = pathlib.Path(tmp)
-        shards_dpath = write_shards(tmp_dpath / "shards", BATCH * args.steps)
+        n_imgs = -(-BATCH * args.steps // N_TOKENS)
+        reader = write_random_shards(tmp_dpath / "shards", n_imgs, D_VIT, N_TOKENS, 128)
+        shards_dpath = reader.dpath
         group_s = run_job(SAES, shards_dpath, tmp_dpath / "group", args.steps, args.device)
         single_s = [
             run_job({i: c}, shards_dpath, tmp_dpath / i, args.steps, args.device)
