@@ -137,7 +137,8 @@ class Ade20kDataset(Dataset):
         if missing:
             raise DatasetError(f"ade20k: {scenes_fpath} has no scene for {missing[0]}")
         self.scenes = sorted({scene_of[stem] for stem in self.stems})
-        self.targets = [self.scenes.index(scene_of[stem]) for stem in self.stems]
+        scene_target = {scene: target for target, scene in enumerate(self.scenes)}
+        self.targets = [scene_target[scene_of[stem]] for stem in self.stems]
         self.classes = ade20k_class_names(self.root)
 
     def __len__(self) -> int:
@@ -180,6 +181,8 @@ class ImagenetDataset(Dataset):
         except Exception as err:
             raise DatasetError(imagenet_hint(split, err)) from err
         self.classes = self.hf.features["label"].names
+        # The label column alone: indexing a row would decode its image too.
+        self.targets: list[int] = self.hf["label"]
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -188,10 +191,10 @@ class ImagenetDataset(Dataset):
         return self.hf[i]["image"].convert("RGB")
 
     def target(self, i: int) -> int:
-        return self.hf[i]["label"]
+        return self.targets[i]
 
     def label(self, i: int) -> str:
-        return self.classes[self.target(i)]
+        return self.classes[self.targets[i]]
 
 
 def import_hf_datasets():

@@ -441,7 +441,10 @@ def load(fpath: pathlib.Path, device: str | torch.device = "cpu") -> SparseAutoe
     fields = {f.name for f in dataclasses.fields(SaeConfig)}
     cfg = SaeConfig(**{k: v for k, v in header["cfg"].items() if k in fields})
     model = SparseAutoencoder(cfg)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except ValueError as err:
+        raise ValueError(f"{fpath}: {err}") from err
     return model.to(device)
 
 

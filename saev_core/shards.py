@@ -114,6 +114,11 @@ class Metadata:
         return int(np.prod(self.shard_shape)) * 4
 
     @property
+    def labels_nbytes(self) -> int:
+        """Size of `labels.bin`: one uint8 per patch of every image."""
+        return self.n_imgs * self.n_patches_per_img
+
+    @property
     def n_shards(self) -> int:
         return -(-self.n_imgs // self.n_imgs_per_shard)
 
@@ -216,9 +221,7 @@ class ShardWriter:
 
     def has_labels(self) -> bool:
         fpath = self.dpath / LABELS_FNAME
-        return fpath.exists() and fpath.stat().st_size == self.metadata.n_imgs * (
-            self.metadata.n_patches_per_img
-        )
+        return fpath.exists() and fpath.stat().st_size == self.metadata.labels_nbytes
 
     def write_labels(self, labels_NP: np.ndarray):
         assert labels_NP.shape == (self.metadata.n_imgs, self.metadata.n_patches_per_img)
@@ -274,7 +277,7 @@ class ShardReader:
                     f"shard file {fpath} has {size} bytes, expected {self.metadata.shard_nbytes}"
                 )
         labels_fpath = self.dpath / LABELS_FNAME
-        labels_nbytes = self.n_imgs * self.metadata.n_patches_per_img
+        labels_nbytes = self.metadata.labels_nbytes
         if self.metadata.protocol == PROTOCOL_WITH_LABELS and (
             not labels_fpath.exists() or labels_fpath.stat().st_size != labels_nbytes
         ):
