@@ -1,50 +1,97 @@
-"""Evaluate one SAE on held-out activations and write `metrics.json`.
+"""Evaluate one SAE on held-out activations (SPEC §7).
 
 Run as `python -m saev_core.evaluate --sae-fpath .../sae.pt --shards-dpath results/shards/<HASH>
---out-fpath .../metrics.json`. Uses the same layer and token kind the SAE was trained on.
+--dataset-json '{...}' --out-dpath results/<sweep>/saes/<sae>`. Uses the layer and token kind the
+SAE was trained on. Writes `metrics.json` (scalars, one sweep-table row), `latents.npz` (per-latent
+firing frequency and mean value when firing), `histograms.png` and `concepts.csv` (per label
+class, the latent that predicts it best; empty where the shards have no `labels.bin`).
 
-Shape key: B = batch, D = d_vit, F = d_sae.
+Shape key: N = vectors, T = tokens per image, D = d_vit, F = d_sae, U = candidate latents.
 """
 
 import argparse
+import csv
+import io
 import json
 import logging
+import math
 import pathlib
+import typing
 
-import torch
+import matplotlib
 
-from . import helpers, loaders, sae, shards
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from . import concepts, datasets, helpers, loaders, sae, shards  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 ALMOST_DEAD_FREQ = 1e-7
 DENSE_FREQ = 1e-2
+N_CANDIDATES = 8
+CANDIDATE_BYTES = 2**29
+"""Memory for candidate latents' values in the concept pass; more candidates take more passes."""
+
+
+class Evaluation(typing.NamedTuple):
+    metrics: dict
+    """Scalars: one row of the sweep table."""
+    freq_F: np.ndarray
+    """Fraction of vectors on which each latent fires."""
+    mean_value_F: np.ndarray
+    """Mean activation where it fires (0 if never)."""
+    concepts: list[concepts.Concept]
+    """Best latent per label class; empty without patch labels."""
+
+
+def encoded(model: sae.SparseAutoencoder, reader, layer: int, tokens: str):
+    """(first image, x_ND, f_x_NF) per chunk of whole images, in disk order."""
+    device = model.b_dec.device
+    for start, x_NTD in loaders.OrderedLoader(reader, layer, tokens):
+        x_ND = torch.from_numpy(x_NTD.reshape(-1, model.cfg.d_vit)).to(device)
+        yield start, len(x_NTD), x_ND, model.encode(x_ND)
 
 
 @torch.no_grad()
 def evaluate(
-    model: sae.SparseAutoencoder, reader: shards.ShardReader, layer: int, tokens: str
-) -> dict:
-    """Reconstruction and sparsity metrics over every vector of `layer` in the shards."""
-    device = model.b_dec.device
-    d_sae = model.cfg.d_sae
+    model: sae.SparseAutoencoder,
+    reader: shards.ShardReader,
+    layer: int,
+    tokens: str,
+    class_names: list[str] | None = None,
+    n_candidates: int = N_CANDIDATES,
+) -> Evaluation:
+    """Reconstruction, sparsity and (with patch labels and class names) concept recovery over
+    every vector of `layer` in the shards."""
+    d_sae, d_vit = model.cfg.d_sae, model.cfg.d_vit
+    labels = reader.labels() if tokens == "patches" and class_names else None
+    class_stats = None
+    if labels is not None:
+        class_stats = concepts.ClassStats(d_sae, len(class_names), model.b_dec.device)
     n, sq_err, l0, l1 = 0, 0.0, 0.0, 0.0
-    sum_x_D = torch.zeros(model.cfg.d_vit, dtype=torch.float64)
-    sum_xx_D = torch.zeros(model.cfg.d_vit, dtype=torch.float64)
+    sum_x_D = torch.zeros(d_vit, dtype=torch.float64)
+    sum_xx_D = torch.zeros(d_vit, dtype=torch.float64)
     fires_F = torch.zeros(d_sae, dtype=torch.float64)
-    for _, x_NTD in loaders.OrderedLoader(reader, layer, tokens):
-        x_BD = torch.from_numpy(x_NTD.reshape(-1, model.cfg.d_vit)).to(device)
-        x_hat_BD, f_x_BF = model(x_BD)
-        n += len(x_BD)
-        sq_err += (x_hat_BD - x_BD).pow(2).sum().item()
-        l0 += (f_x_BF > 0).sum().item()
-        l1 += f_x_BF.sum().item()
-        fires_F += (f_x_BF > 0).sum(dim=0).double().cpu()
-        sum_x_D += x_BD.sum(dim=0).double().cpu()
-        sum_xx_D += x_BD.double().pow(2).sum(dim=0).cpu()
-    d_vit = model.cfg.d_vit
+    sums_F = torch.zeros(d_sae, dtype=torch.float64)
+    for start, n_imgs, x_ND, f_x_NF in encoded(model, reader, layer, tokens):
+        x_hat_ND = model.decode(f_x_NF)
+        n += len(x_ND)
+        sq_err += (x_hat_ND - x_ND).pow(2).sum().item()
+        l0 += (f_x_NF > 0).sum().item()
+        l1 += f_x_NF.sum().item()
+        fires_F += (f_x_NF > 0).sum(dim=0).double().cpu()
+        sums_F += f_x_NF.sum(dim=0).double().cpu()
+        sum_x_D += x_ND.sum(dim=0).double().cpu()
+        sum_xx_D += x_ND.double().pow(2).sum(dim=0).cpu()
+        if class_stats is not None:
+            labels_N = torch.from_numpy(np.array(labels[start : start + n_imgs]).reshape(-1))
+            class_stats.update(f_x_NF, labels_N.to(f_x_NF.device))
     total_var = (sum_xx_D - sum_x_D.pow(2) / n).sum().item()
     freq_F = fires_F / n
-    return {
+    mean_value_F = torch.where(fires_F > 0, sums_F / fires_F.clamp(min=1), 0.0)
+    metrics = {
         "n_vectors": n,
         "d_sae": d_sae,
         "l0": l0 / n,
@@ -56,21 +103,101 @@ def evaluate(
         "n_almost_dead": int((freq_F < ALMOST_DEAD_FREQ).sum()),
         "n_dense": int((freq_F > DENSE_FREQ).sum()),
     }
+    found = []
+    if class_stats is not None:
+        found = recover_concepts(model, reader, layer, class_stats, class_names, n_candidates)
+    metrics["n_concept_classes"] = len(found)
+    metrics["mean_best_ap"] = float(np.mean([c.ap for c in found])) if found else None
+    metrics["mean_best_f1"] = float(np.mean([c.f1 for c in found])) if found else None
+    return Evaluation(metrics, freq_F.numpy(), mean_value_F.numpy(), found)
+
+
+def recover_concepts(
+    model: sae.SparseAutoencoder,
+    reader: shards.ShardReader,
+    layer: int,
+    class_stats: concepts.ClassStats,
+    class_names: list[str],
+    n_candidates: int,
+) -> list[concepts.Concept]:
+    """Score each class's candidate latents exactly, in as many passes as memory needs."""
+    candidates = class_stats.candidates(n_candidates)
+    latents = sorted({f for fs in candidates.values() for f in fs})
+    device = model.b_dec.device
+    labels_N = torch.from_numpy(np.array(reader.labels()).reshape(-1)).to(device)
+    per_pass = max(1, CANDIDATE_BYTES // (4 * class_stats.n))
+    scores = {}
+    for lo in range(0, len(latents), per_pass):
+        latents_U = latents[lo : lo + per_pass]
+        columns = torch.tensor(latents_U, device=device)
+        values_NU = torch.cat(
+            [f_x_NF[:, columns] for *_, f_x_NF in encoded(model, reader, layer, "patches")]
+        )
+        scores |= concepts.score_candidates(candidates, values_NU, latents_U, labels_N)
+    logger.info("scored %d candidate latents for %d classes", len(latents), len(candidates))
+    return concepts.best_latents(candidates, scores, class_stats.n_pos_C.cpu(), class_names)
+
+
+def concepts_csv(found: list[concepts.Concept]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["class", "name", "n_patches", "latent", "average_precision", "best_f1"])
+    for c in found:
+        writer.writerow([c.cls, c.name, c.n_patches, c.latent, f"{c.ap:.6f}", f"{c.f1:.6f}"])
+    return out.getvalue()
+
+
+def plot_histograms(result: Evaluation, title: str, out_fpath: pathlib.Path):
+    """log10 firing frequency and log10 mean value of the latents that fire; dead ones counted."""
+    fired = result.freq_F > 0
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), layout="constrained")
+    n_dead = int((~fired).sum())
+    for ax, values, xlabel in [
+        (axes[0], result.freq_F[fired], "log10 firing frequency"),
+        (axes[1], result.mean_value_F[fired], "log10 mean value when firing"),
+    ]:
+        if len(values):
+            ax.hist(np.log10(values), bins=min(50, max(5, int(math.sqrt(len(values))))))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("latents")
+    axes[0].axvline(math.log10(DENSE_FREQ), color="grey", ls="--", lw=1)
+    fig.suptitle(f"{title} ({n_dead} of {len(fired)} latents never fired)", fontsize=9)
+    fig.savefig(out_fpath, dpi=100, format="png")
+    plt.close(fig)
+
+
+def write(result: Evaluation, title: str, out_dpath: pathlib.Path):
+    """Every output atomically; `metrics.json` last."""
+    out_dpath.mkdir(parents=True, exist_ok=True)
+    tmp_fpath = shards.tmp_sibling(out_dpath / "latents.npz")
+    with open(tmp_fpath, "wb") as fd:
+        np.savez(fd, freq=result.freq_F, mean_value=result.mean_value_F)
+    tmp_fpath.replace(out_dpath / "latents.npz")
+    tmp_fpath = shards.tmp_sibling(out_dpath / "histograms.png")
+    plot_histograms(result, title, tmp_fpath)
+    tmp_fpath.replace(out_dpath / "histograms.png")
+    shards.write_atomic(out_dpath / "concepts.csv", concepts_csv(result.concepts).encode())
+    metrics_json = json.dumps(result.metrics, indent=2) + "\n"
+    shards.write_atomic(out_dpath / "metrics.json", metrics_json.encode())
 
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sae-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
-    parser.add_argument("--out-fpath", type=pathlib.Path, required=True)
+    parser.add_argument("--dataset-json", required=True, help="the shards' dataset config as JSON")
+    parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     helpers.setup_logging()
     model, train_cfg = sae.load_trained(args.sae_fpath, helpers.pick_device(args.device))
     reader = shards.ShardReader(args.shards_dpath)
-    metrics = evaluate(model, reader, train_cfg["layer"], train_cfg["tokens"])
-    logger.info("%s", metrics)
-    args.out_fpath.write_text(json.dumps(metrics, indent=2) + "\n")
+    class_names = None
+    if reader.labels() is not None:
+        class_names = datasets.load(json.loads(args.dataset_json)).classes
+    result = evaluate(model, reader, train_cfg["layer"], train_cfg["tokens"], class_names)
+    logger.info("%s", result.metrics)
+    write(result, f"SAE {args.sae_fpath.parent.name}", args.out_dpath)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,12 @@ class Sweep:
     sae_group: dict[str, str]
     """SAE id -> group id."""
     top_k: int
+    percentile: float
     render: dict
     checkpoint_every: int
     """Training steps between checkpoints (execution only: not in any id)."""
+    wandb_project: str | None
+    """Weights & Biases project for the training logs; None: off (execution only)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +150,11 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
     if (train_md.vit_family, train_md.vit_ckpt) != (eval_md.vit_family, eval_md.vit_ckpt):
         raise PlanError(f"sweeps.{name}: train and eval activations come from different models")
 
+    for key in ("log10_freq_range", "log10_value_range"):
+        lo, hi = cfg["render"][key]
+        if lo > hi:
+            raise PlanError(f"sweeps.{name}.render.{key}: min {lo} is above max {hi}")
+
     saes = {}
     for point in expand_grid({"train": cfg["train"], "sae": cfg["saes"]}):
         sae_cfg = {**point["train"], **point["sae"], "shards": train_shards}
@@ -180,8 +188,10 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
         groups=groups,
         sae_group=sae_group,
         top_k=cfg["top_k"],
+        percentile=cfg["percentile"],
         render=cfg["render"],
         checkpoint_every=cfg["checkpoint_every"],
+        wandb_project=cfg.get("wandb_project"),  # optional, no default
     )
 
 

@@ -1,10 +1,17 @@
 """Find, for every latent of an SAE, the images that activate it most (SPEC §8).
 
 Run as `python -m saev_core.topk --sae-fpath .../sae.pt --shards-dpath results/shards/<HASH>
---top-k 16 --out-fpath .../topk.npz`. One ordered pass; memory is O(d_sae * top_k), never
-O(d_sae * top_k * n_patches): heatmaps are recomputed later for the few images rendered.
+--top-k 16 --percentile 99 --out-fpath .../topk.npz`. One ordered pass; memory is
+O(d_sae * (top_k + n_bins)), never O(d_sae * top_k * n_patches): heatmaps are recomputed later for
+the few images rendered.
 
-Shape key: N = images in a chunk, T = tokens per image, D = d_vit, F = d_sae, K = top_k.
+Each latent's values when it fires are counted in a histogram of fixed log10 bins (`BIN_EDGES`,
+0.05 decades wide from 1e-6 to 1e4; values outside go to the end bins). It gives the value
+distribution of every latent and the percentile estimate: within one bin (12%) of the smallest
+value that has the percentile's share of values at or below it.
+
+Shape key: N = images in a chunk, T = tokens per image, D = d_vit, F = d_sae, K = top_k,
+H = histogram bins.
 """
 
 import argparse
@@ -18,6 +25,9 @@ import torch
 from . import helpers, loaders, sae, shards
 
 logger = logging.getLogger("topk")
+LOG10_MIN, LOG10_MAX, N_BINS = -6.0, 4.0, 200
+BIN_EDGES = np.linspace(LOG10_MIN, LOG10_MAX, N_BINS + 1)
+"""log10 edges of the value histogram bins."""
 
 
 class TopK(typing.NamedTuple):
@@ -31,6 +41,11 @@ class TopK(typing.NamedTuple):
     """(F,) fraction of token vectors on which the latent fires."""
     mean_value: np.ndarray
     """(F,) mean activation over the vectors where it fires (0 if never)."""
+    percentile: np.ndarray
+    """(F,) estimate of the `percentile_q` percentile of its values when it fires (0 if never)."""
+    percentile_q: float
+    value_hist: np.ndarray
+    """(F, H) how many vectors fall in each log10 value bin (`BIN_EDGES`) when it fires."""
 
 
 @torch.no_grad()
@@ -40,6 +55,7 @@ def top_k(
     layer: int,
     tokens: str,
     k: int,
+    percentile_q: float = 99.0,
     imgs_per_chunk: int = 64,
 ) -> TopK:
     """Ties are broken towards the lower image index."""
@@ -49,6 +65,7 @@ def top_k(
     imgs_KF = torch.zeros((0, F), dtype=torch.long, device=device)
     fires_F = torch.zeros(F, dtype=torch.float64, device=device)
     sums_F = torch.zeros(F, dtype=torch.float64, device=device)
+    hist_FH = torch.zeros((F, N_BINS), dtype=torch.long, device=device)
     n_vectors = 0
     for start, rows in loaders.OrderedLoader(reader, layer, tokens):
         for lo in range(0, len(rows), imgs_per_chunk):
@@ -57,6 +74,7 @@ def top_k(
             f_x_NTF = model.encode(x_NTD.reshape(N * T, D)).reshape(N, T, F)
             fires_F += (f_x_NTF > 0).sum(dim=(0, 1))
             sums_F += f_x_NTF.sum(dim=(0, 1))
+            count_values(hist_FH, f_x_NTF.reshape(N * T, F))
             n_vectors += N * T
             img_max_NF = f_x_NTF.amax(dim=1)
             idx_N = torch.arange(start + lo, start + lo + N, device=device)
@@ -77,18 +95,48 @@ def top_k(
         top_imgs=imgs_FK.cpu().numpy(),
         freq=(fires_F / n_vectors).float().cpu().numpy(),
         mean_value=mean_F.float().cpu().numpy(),
+        percentile=estimate_percentile(hist_FH.cpu().numpy(), percentile_q),
+        percentile_q=percentile_q,
+        value_hist=hist_FH.cpu().numpy(),
     )
 
 
+def count_values(hist_FH: torch.Tensor, f_x_BF: torch.Tensor):
+    """Add the positive values of `f_x_BF` to each latent's log10 histogram."""
+    rows, latents = f_x_BF.nonzero(as_tuple=True)
+    log_values = f_x_BF[rows, latents].log10()
+    bins = ((log_values - LOG10_MIN) * (N_BINS / (LOG10_MAX - LOG10_MIN))).long()
+    flat = latents * N_BINS + bins.clamp(0, N_BINS - 1)
+    hist_FH.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+
+def estimate_percentile(hist_FH: np.ndarray, q: float) -> np.ndarray:
+    """The q-th percentile of each latent's histogrammed values, interpolating log-linearly
+    inside the bin where the cumulative count crosses it; 0 for latents that never fire."""
+    cum_FH = hist_FH.cumsum(axis=1)
+    total_F = cum_FH[:, -1]
+    rank_F = q / 100 * total_F
+    bin_F = np.minimum((cum_FH < rank_F[:, None]).sum(axis=1), N_BINS - 1)
+    rows = np.arange(len(hist_FH))
+    below_F = np.where(bin_F > 0, cum_FH[rows, np.maximum(bin_F - 1, 0)], 0)
+    inside_F = hist_FH[rows, bin_F]
+    frac_F = np.clip((rank_F - below_F) / np.maximum(inside_F, 1), 0, 1)
+    log10_F = BIN_EDGES[bin_F] + frac_F * (BIN_EDGES[1] - BIN_EDGES[0])
+    return np.where(total_F > 0, 10**log10_F, 0.0).astype(np.float32)
+
+
 def save(fpath: pathlib.Path, result: TopK):
-    tmp_fpath = pathlib.Path(fpath).with_name(f".{pathlib.Path(fpath).name}.tmp.npz")
-    np.savez(tmp_fpath, **result._asdict())
+    tmp_fpath = shards.tmp_sibling(pathlib.Path(fpath))
+    with open(tmp_fpath, "wb") as fd:
+        np.savez_compressed(fd, **result._asdict())
     tmp_fpath.replace(fpath)
 
 
 def load(fpath: pathlib.Path) -> TopK:
     with np.load(fpath) as data:
-        return TopK(**{field: data[field] for field in TopK._fields})
+        return TopK(**{field: data[field] for field in TopK._fields})._replace(
+            percentile_q=float(data["percentile_q"])
+        )
 
 
 def main(argv: list[str] | None = None):
@@ -96,13 +144,16 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--sae-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--top-k", type=int, required=True)
+    parser.add_argument("--percentile", type=float, default=99.0)
     parser.add_argument("--out-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     helpers.setup_logging()
     model, train_cfg = sae.load_trained(args.sae_fpath, helpers.pick_device(args.device))
     reader = shards.ShardReader(args.shards_dpath)
-    result = top_k(model, reader, train_cfg["layer"], train_cfg["tokens"], args.top_k)
+    result = top_k(
+        model, reader, train_cfg["layer"], train_cfg["tokens"], args.top_k, args.percentile
+    )
     logger.info("%d of %d latents fired", int((result.freq > 0).sum()), len(result.freq))
     save(args.out_fpath, result)
 

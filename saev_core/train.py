@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from . import helpers, loaders, sae, shards
+from . import helpers, loaders, sae, shards, tracking
 
 logger = logging.getLogger("train")
 LOG_FIELDS = ("step", "loss", "mse", "l0", "l1", "aux", "lr", "sparsity_coeff", "dead_frac")
@@ -141,10 +141,12 @@ def train_group(
     checkpoint_every: int = 0,
     device: str = "auto",
     log_every: int = 10,
+    wandb_project: str | None = None,
 ) -> dict[str, sae.SparseAutoencoder]:
     """Train the SAEs in `group` ({"stream": {...}, "saes": {id: cfg}}); return them by id.
 
-    `checkpoint_every` > 0 writes a checkpoint to `work_dpath` every that many steps.
+    `checkpoint_every` > 0 writes a checkpoint to `work_dpath` every that many steps;
+    `wandb_project` also sends the logs to Weights & Biases (one run, named after `out_dpath`).
     """
     torch_device = helpers.pick_device(device)
     stream = group["stream"]
@@ -163,17 +165,23 @@ def train_group(
     stacks = make_stacks(saes, reader.metadata.d_vit, len(batches), torch_device)
     first_step = resume(work_dpath, group, stacks, batches)
     logs = open_logs(work_dpath, sorted(saes), first_step)
+    wandb_run = tracking.WandbRun(wandb_project, out_dpath.name, group) if wandb_project else None
 
     t0 = time.perf_counter()
     try:
         for step, x_BD in enumerate(batches, start=first_step):
             x_BD = x_BD.to(torch_device, non_blocking=True)
             is_log_step = step % log_every == 0 or step == len(batches) - 1
+            rows = {}
             for stack in stacks.values():
                 losses, lr_M, coeff_M = stack.step(x_BD, step)
                 if is_log_step:
-                    write_log_rows(logs, stack, step, losses, lr_M, coeff_M)
+                    rows |= log_rows(stack, step, losses, lr_M, coeff_M)
             if is_log_step:
+                for sae_id, row in rows.items():
+                    logs[sae_id][1].writerow(row)
+                if wandb_run:
+                    wandb_run.log(step, rows)
                 rate = (step + 1 - first_step) / (time.perf_counter() - t0)
                 eta_s = (len(batches) - step - 1) / rate
                 logger.info(
@@ -184,6 +192,8 @@ def train_group(
     finally:
         for log_fd, _ in logs.values():
             log_fd.close()
+        if wandb_run:
+            wandb_run.finish()
 
     models = {
         sae_id: stack.model.member(m)
@@ -206,8 +216,10 @@ def with_defaults(cfg: dict) -> dict:
     return {"lr_schedule": "constant", "sparsity_warmup_steps": 0, **cfg}
 
 
-def write_log_rows(logs: dict, stack: Stack, step: int, losses: sae.Loss, lr_M, coeff_M):
+def log_rows(stack: Stack, step: int, losses: sae.Loss, lr_M, coeff_M) -> dict[str, dict]:
+    """One log row (`LOG_FIELDS`) per SAE of the stack."""
     dead_M = stack.model.dead_fraction()
+    rows = {}
     for m, sae_id in enumerate(stack.sae_ids):
         row = {k: getattr(losses, k)[m].item() for k in ("loss", "mse", "l0", "l1", "aux")}
         row.update(
@@ -216,7 +228,8 @@ def write_log_rows(logs: dict, stack: Stack, step: int, losses: sae.Loss, lr_M, 
             sparsity_coeff=coeff_M[m].item(),
             dead_frac=dead_M[m].item(),
         )
-        logs[sae_id][1].writerow(row)
+        rows[sae_id] = row
+    return rows
 
 
 def resume(
@@ -288,6 +301,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--work-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--checkpoint-every", type=int, default=0, help="steps; 0 = never")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--wandb-project", help="also log to this Weights & Biases project")
     args = parser.parse_args(argv)
     helpers.setup_logging()
     helpers.keep_freed_memory()
@@ -298,6 +312,7 @@ def main(argv: list[str] | None = None):
         work_dpath=args.work_dpath,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
+        wandb_project=args.wandb_project,
     )
 
 

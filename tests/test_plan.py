@@ -167,3 +167,34 @@ def test_dry_run_has_one_dump_job_per_part_and_one_publish(tmp_path):
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
     # 3 parts of the train dump + 1 of the val dump; one publish per directory.
     assert counts["dump_activations"] == "4" and counts["publish_activations"] == "2"
+
+
+def test_reversed_render_range_is_a_plan_error(config):
+    config["sweeps"]["tiny-synthetic"]["render"]["log10_value_range"] = [1, -1]
+    with pytest.raises(
+        plan.PlanError,
+        match=r"sweeps.tiny-synthetic.render.log10_value_range: min 1 is above max -1",
+    ):
+        plan.make_plan(config)
+
+
+def test_wandb_project_reaches_the_training_jobs_only_when_set(tmp_path):
+    config = yaml.safe_load(CONFIG_FPATH.read_text())
+    config["sweeps"]["tiny-synthetic"]["wandb_project"] = "my saes"
+    config_fpath = tmp_path / "wandb.yaml"
+    config_fpath.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile")]
+    cmd += ["--directory", str(tmp_path)]
+    with_wandb = subprocess.run(
+        cmd + ["--configfile", str(config_fpath)], capture_output=True, text=True, check=True
+    ).stdout
+    without = subprocess.run(
+        cmd + ["--configfile", str(CONFIG_FPATH)], capture_output=True, text=True, check=True
+    ).stdout
+    train_cmds = [line for line in with_wandb.splitlines() if "saev_core.train " in line]
+    assert len(train_cmds) == 2
+    assert all("--wandb-project 'my saes'" in line for line in train_cmds)
+    assert "--wandb-project" not in without
+    # Execution-only: the same SAE ids either way.
+    ids = re.compile(r"results/tiny-synthetic/groups/(\S+?)[ /']")
+    assert set(ids.findall(with_wandb)) == set(ids.findall(without))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import group_spec
 
-from saev_core import evaluate, sae, shards, train
+from saev_core import evaluate, sae, shards, tracking, train
 
 
 def test_group_training_lowers_error_from_initialisation(shards_dpath, trained_dpath):
@@ -19,8 +19,8 @@ def test_group_training_lowers_error_from_initialisation(shards_dpath, trained_d
     for sae_id in ("relu", "topk"):
         trained, train_cfg = sae.load_trained(trained_dpath / sae_id / "sae.pt")
         initial = sae.SparseAutoencoder(train.sae_config(64, train_cfg))
-        before = evaluate.evaluate(initial, reader, -1, "patches")
-        after = evaluate.evaluate(trained, reader, -1, "patches")
+        before = evaluate.evaluate(initial, reader, -1, "patches").metrics
+        after = evaluate.evaluate(trained, reader, -1, "patches").metrics
         assert after["normalized_mse"] < 0.7 * before["normalized_mse"], sae_id
     log = (trained_dpath / "relu" / "train_log.csv").read_text().splitlines()
     assert log[0] == "step,loss,mse,l0,l1,aux,lr,sparsity_coeff,dead_frac"
@@ -139,3 +139,24 @@ def test_sigkill_then_rerun_ends_with_the_same_weights(shards_dpath, tmp_path):
             assert torch.equal(param, reloaded.state_dict()[name]), (sae_id, name)
         log = (out_dpath / sae_id / "train_log.csv").read_text()
         assert log == (tmp_path / "undisturbed" / sae_id / "train_log.csv").read_text()
+
+
+def test_wandb_logging_writes_a_run_with_every_sae(shards_dpath, tmp_path, monkeypatch):
+    """Offline mode: a real W&B run on disk, holding each SAE's fields."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = group_spec(n_train=256 * 3, a={"activation": "topk", "k": 4})
+    train.train_group(spec, shards_dpath, tmp_path / "layer-1-abc", wandb_project="saev-test")
+    (run_fpath,) = tmp_path.glob("wandb/offline-run-*/run-layer-1-abc.wandb")
+    data = run_fpath.read_bytes()
+    for field in ("a/loss", "a/l0", "a/dead_frac"):
+        assert field.encode() in data
+    assert b"saev-test" in data
+
+
+def test_wandb_without_the_package_is_a_clear_error(shards_dpath, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    spec = group_spec(n_train=256, a={"activation": "topk", "k": 4})
+    with pytest.raises(tracking.TrackingError, match=r"pip install -e '\.\[wandb\]'"):
+        train.train_group(spec, shards_dpath, tmp_path / "g", wandb_project="p")

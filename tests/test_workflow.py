@@ -7,6 +7,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import zipfile
 
 import polars as pl
 import pytest
@@ -58,7 +59,8 @@ CONFIG = {
                 {"activation": "topk", "k": [4, 8]},
             ],
             "top_k": 4,
-            "render": {"n_latents": 3},
+            # After a few steps most latents are dense (> 10%): render those too.
+            "render": {"n_latents": 3, "log10_freq_range": [-6, 0]},
         }
     },
 }
@@ -121,12 +123,19 @@ def test_run_leaves_what_users_open(workdir):
     assert sorted(summary["sae"]) == sorted(p.parent.name for p in checkpoints)
     assert set(summary["layer"]) == {-2, -1}
     assert (summary["explained_variance"] > 0).all()
+    assert summary["mean_best_ap"].is_not_null().all()
     for sae_id in summary["sae"]:
         sae_dpath = results / "s" / "saes" / sae_id
         metrics = json.loads((sae_dpath / "metrics.json").read_text())
         assert metrics["n_vectors"] == 16 * 64
+        assert 0 < metrics["mean_best_ap"] <= 1  # the synthetic val set has patch labels
+        concepts = pl.read_csv(sae_dpath / "concepts.csv")
+        assert len(concepts) == metrics["n_concept_classes"] > 0
+        assert (sae_dpath / "histograms.png").stat().st_size > 0
+        assert (sae_dpath / "latents.npz").stat().st_size > 0
+        assert (sae_dpath / "features" / "values.png").stat().st_size > 0
         assert (sae_dpath / "features" / "index.html").exists()
-        assert list((sae_dpath / "features" / "latents").glob("*/000.png"))
+        assert list((sae_dpath / "features" / "latents").glob("*/000.jpg"))
         assert (sae_dpath / "grid.png").stat().st_size > 0
     assert (results / "s" / "pareto.png").stat().st_size > 0
 
@@ -153,7 +162,19 @@ def test_editing_one_value_reruns_only_its_group(workdir):
     }
 
 
-def test_report_builds_offline(workdir):
-    snakemake(workdir, "--report", "report.html")
-    html = (workdir / "report.html").read_text()
-    assert "pareto.png" in html and "Sweep summary" in html
+def test_report_builds_offline_with_the_browsers(workdir):
+    snakemake(workdir, "--report", "report.zip")
+    with zipfile.ZipFile(workdir / "report.zip") as archive:
+        names = archive.namelist()
+        html = archive.read("report/report.html").decode()
+    for category in ("Sweep summary", "Evaluation", "Features"):
+        assert category in html
+    n_saes = len(list((workdir / "results" / "s" / "saes").iterdir()))
+    for fname in ("pareto.png", "summary.csv"):
+        assert sum(name.endswith("/" + fname) for name in names) == 1
+    for fname in ("histograms.png", "concepts.csv", "grid.png"):
+        assert sum(name.endswith("/" + fname) for name in names) == n_saes
+    browsers = [name.removesuffix("index.html") for name in names if name.endswith("index.html")]
+    assert len(browsers) == n_saes
+    for prefix in browsers:  # each browser's images travel with it
+        assert any(name.startswith(prefix + "latents/") and name.endswith(".jpg") for name in names)

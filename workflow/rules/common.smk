@@ -1,6 +1,7 @@
 """Planning helpers: what to run, derived once from the validated config by saev_core.plan."""
 
 import json
+import shlex
 
 from saev_core import plan as saev_plan
 
@@ -60,6 +61,15 @@ def get_group_dpath(wildcards):
     return f"results/{wildcards.sweep}/groups/{sweep.sae_group[wildcards.sae]}"
 
 
+def get_wandb_args(wildcards):
+    project = PLAN.sweeps[wildcards.sweep].wandb_project
+    return f"--wandb-project {shlex.quote(project)}" if project else ""
+
+
+def get_eval_dataset(wildcards):
+    return PLAN.shard_jobs[PLAN.sweeps[wildcards.sweep].eval_shards].dataset
+
+
 def get_group_json(wildcards):
     sweep = PLAN.sweeps[wildcards.sweep]
     group = sweep.groups[wildcards.group]
@@ -72,8 +82,9 @@ def get_all_outputs():
     for name, sweep in PLAN.sweeps.items():
         outputs += [f"results/{name}/summary.csv", f"results/{name}/pareto.png"]
         for sae_id in sweep.saes:
+            sae_dpath = f"results/{name}/saes/{sae_id}"
             outputs += [
-                f"results/{name}/saes/{sae_id}/features",
-                f"results/{name}/saes/{sae_id}/grid.png",
+                f"{sae_dpath}/{fname}"
+                for fname in ("histograms.png", "concepts.csv", "features", "grid.png")
             ]
     return outputs

@@ -1,10 +1,26 @@
 rule evaluate_sae:
-    """Reconstruction and sparsity metrics of one SAE on the sweep's evaluation activations."""
+    """Metrics, per-latent statistics and concept recovery of one SAE on held-out activations."""
     input:
         group=get_group_dpath,
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].eval_shards),
+        dataset=lambda wc: get_dataset_input(get_eval_dataset(wc)),
     output:
-        "results/{sweep}/saes/{sae}/metrics.json",
+        metrics="results/{sweep}/saes/{sae}/metrics.json",
+        latents="results/{sweep}/saes/{sae}/latents.npz",
+        histograms=report(
+            "results/{sweep}/saes/{sae}/histograms.png",
+            caption="../report/histograms.rst",
+            category="Evaluation",
+            subcategory="{sweep}",
+            labels={"SAE": "{sae}", "view": "latent histograms"},
+        ),
+        concepts=report(
+            "results/{sweep}/saes/{sae}/concepts.csv",
+            caption="../report/concepts.rst",
+            category="Evaluation",
+            subcategory="{sweep}",
+            labels={"SAE": "{sae}", "view": "concept recovery"},
+        ),
     log:
         "results/logs/evaluate_sae/{sweep}/{sae}.log",
     benchmark:
@@ -13,11 +29,13 @@ rule evaluate_sae:
         "../../envs/saev.yaml"
     params:
         shards_dpath=lambda wc, input: os.path.dirname(input.shards),
+        dataset=lambda wc: json.dumps(PLAN.datasets[get_eval_dataset(wc)]),
+        out_dpath=lambda wc, output: os.path.dirname(output.metrics),
         device=DEVICE,
     shell:
         "python -m saev_core.evaluate --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
-        " --shards-dpath {params.shards_dpath:q} --out-fpath {output:q}"
-        " --device {params.device} > {log} 2>&1"
+        " --shards-dpath {params.shards_dpath:q} --dataset-json {params.dataset:q}"
+        " --out-dpath {params.out_dpath:q} --device {params.device} > {log} 2>&1"
 
 
 rule summarize_sweep:

@@ -19,9 +19,10 @@ rule train_group:
         shards_dpath=lambda wc, input: os.path.dirname(input[0]),
         work_dpath=lambda wc: f"results/{wc.sweep}/work/{wc.group}",
         checkpoint_every=lambda wc: PLAN.sweeps[wc.sweep].checkpoint_every,
+        wandb=get_wandb_args,
         device=DEVICE,
     shell:
         "python -m saev_core.train --group-json {params.group:q}"
         " --shards-dpath {params.shards_dpath:q} --out-dpath {output:q}"
         " --work-dpath {params.work_dpath:q} --checkpoint-every {params.checkpoint_every}"
-        " --device {params.device} > {log} 2>&1"
+        " --device {params.device} {params.wandb} > {log} 2>&1"

@@ -1,5 +1,6 @@
 rule topk_images:
-    """Per latent: the top-k images by largest patch activation, frequency and mean value."""
+    """Per latent: the top-k images by largest patch activation, frequency, mean value, a
+    percentile and the value histogram."""
     input:
         group=get_group_dpath,
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
@@ -14,11 +15,13 @@ rule topk_images:
     params:
         shards_dpath=lambda wc, input: os.path.dirname(input.shards),
         top_k=lambda wc: PLAN.sweeps[wc.sweep].top_k,
+        percentile=lambda wc: PLAN.sweeps[wc.sweep].percentile,
         device=DEVICE,
     shell:
         "python -m saev_core.topk --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
         " --shards-dpath {params.shards_dpath:q} --top-k {params.top_k}"
-        " --out-fpath {output:q} --device {params.device} > {log} 2>&1"
+        " --percentile {params.percentile} --out-fpath {output:q} --device {params.device}"
+        " > {log} 2>&1"
 
 
 rule render_features:
@@ -29,8 +32,15 @@ rule render_features:
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
         dataset=lambda wc: get_dataset_input(PLAN.sweeps[wc.sweep].dataset),
     output:
-        # Not in the HTML report: a pure-HTML report cannot hold a directory (a .zip one can).
-        browser=directory("results/{sweep}/saes/{sae}/features"),
+        # A directory with an HTML entry point: only a .zip report can hold it.
+        browser=report(
+            directory("results/{sweep}/saes/{sae}/features"),
+            htmlindex="index.html",
+            caption="../report/browser.rst",
+            category="Features",
+            subcategory="{sweep}",
+            labels={"SAE": "{sae}", "view": "feature browser"},
+        ),
         grid=report(
             "results/{sweep}/saes/{sae}/grid.png",
             caption="../report/grid.rst",
@@ -47,11 +57,10 @@ rule render_features:
     params:
         shards_dpath=lambda wc, input: os.path.dirname(input.shards),
         dataset=lambda wc: json.dumps(PLAN.datasets[PLAN.sweeps[wc.sweep].dataset]),
-        n_latents=lambda wc: PLAN.sweeps[wc.sweep].render["n_latents"],
-        seed=lambda wc: PLAN.sweeps[wc.sweep].render["seed"],
+        render=lambda wc: json.dumps(PLAN.sweeps[wc.sweep].render),
     shell:
         "python -m saev_core.render --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
         " --topk-fpath {input.topk:q} --shards-dpath {params.shards_dpath:q}"
         " --dataset-json {params.dataset:q} --out-dpath {output.browser:q}"
-        " --grid-fpath {output.grid:q} --n-latents {params.n_latents} --seed {params.seed}"
+        " --grid-fpath {output.grid:q} --render-json {params.render:q}"
         " > {log} 2>&1"
