@@ -187,7 +187,14 @@ class SaeParams(torch.nn.Module):
         return (x_BD[None] - self.x_mean[:, None]) * self.x_scale[:, None, None]
 
     def pre_acts(self, x_MBD: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.b_enc[:, None], x_MBD - self.b_dec[:, None], self.W_enc)
+        """(x - b_dec) @ W_enc + b_enc. The batch product sees b_dec as a constant and a zero-valued
+        (M, 1, F) term carries its gradient: autograd would otherwise spend a whole (B, F) x (F, D)
+        product per step on d loss / d (x - b_dec), of which only the sum over the batch is used."""
+        b_dec_M1D = self.b_dec[:, None]
+        pre_MBF = torch.baddbmm(self.b_enc[:, None], x_MBD - b_dec_M1D.detach(), self.W_enc)
+        if not b_dec_M1D.requires_grad:
+            return pre_MBF
+        return pre_MBF - torch.bmm(b_dec_M1D - b_dec_M1D.detach(), self.W_enc)
 
     def activate(self, pre_MBF: torch.Tensor, batch_topk: bool) -> torch.Tensor:
         """Latents; `batch_topk` selects batchtopk's training rule instead of its threshold."""
