@@ -16,11 +16,11 @@ import polars as pl  # noqa: E402
 
 
 def table(
-    saes: dict[str, dict], metrics: dict[str, dict], sae_group: dict[str, str]
+    saes: dict[str, dict], metrics: dict[str, dict], sae_group: dict[str, str], model: str
 ) -> pl.DataFrame:
-    """One row per SAE: id, group, its configuration and its metrics."""
+    """One row per SAE: id, model, group, its configuration and its metrics."""
     rows = [
-        {"sae": sae_id, "group": sae_group[sae_id], **saes[sae_id], **metrics[sae_id]}
+        {"sae": sae_id, "model": model, "group": sae_group[sae_id]} | saes[sae_id] | metrics[sae_id]
         for sae_id in sorted(saes)
     ]
     return pl.DataFrame(rows, infer_schema_length=None)
@@ -38,8 +38,9 @@ def pareto_front(df: pl.DataFrame) -> pl.DataFrame:
 
 def plot(df: pl.DataFrame, out_fpath: pathlib.Path):
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    for (layer,), sub in df.group_by(["layer"], maintain_order=True):
-        points = ax.scatter(sub["l0"], sub["normalized_mse"], label=f"layer {layer}", alpha=0.8)
+    for (model, layer), sub in df.group_by(["model", "layer"], maintain_order=True):
+        label = f"{model}, layer {layer}"
+        points = ax.scatter(sub["l0"], sub["normalized_mse"], label=label, alpha=0.8)
         front = pareto_front(sub)
         ax.plot(front["l0"], front["normalized_mse"], color=points.get_facecolor()[0], lw=1)
     ax.set_xscale("log")
@@ -54,7 +55,9 @@ def plot(df: pl.DataFrame, out_fpath: pathlib.Path):
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--sweep-json", required=True, help='{"saes": {id: cfg}, "groups": {id: group}}'
+        "--sweep-json",
+        required=True,
+        help='{"saes": {id: cfg}, "sae_group": {id: group id}, "model": "family:ckpt"}',
     )
     parser.add_argument("--metrics-fpaths", type=pathlib.Path, nargs="+", required=True)
     parser.add_argument("--out-csv-fpath", type=pathlib.Path, required=True)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     sweep = json.loads(args.sweep_json)
     metrics = {fpath.parent.name: json.loads(fpath.read_text()) for fpath in args.metrics_fpaths}
-    df = table(sweep["saes"], metrics, sweep["sae_group"])
+    df = table(sweep["saes"], metrics, sweep["sae_group"], sweep["model"])
     df.write_csv(args.out_csv_fpath)
     df.write_parquet(args.out_parquet_fpath)
     plot(df, args.out_plot_fpath)

@@ -122,6 +122,7 @@ def test_run_leaves_what_users_open(workdir):
     summary = pl.read_csv(results / "s" / "summary.csv")
     assert sorted(summary["sae"]) == sorted(p.parent.name for p in checkpoints)
     assert set(summary["layer"]) == {-2, -1}
+    assert set(summary["model"]) == {"tiny:vit-tiny-p8-64"}
     assert (summary["explained_variance"] > 0).all()
     assert summary["mean_best_ap"].is_not_null().all()
     for sae_id in summary["sae"]:

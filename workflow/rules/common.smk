@@ -66,6 +66,12 @@ def get_wandb_args(wildcards):
     return f"--wandb-project {shlex.quote(project)}" if project else ""
 
 
+def get_sweep_model(wildcards):
+    """The ViT a sweep's SAEs read, as family:checkpoint."""
+    md = PLAN.shard_jobs[PLAN.sweeps[wildcards.sweep].train_shards].metadata
+    return f"{md.vit_family}:{md.vit_ckpt}"
+
+
 def get_eval_dataset(wildcards):
     return PLAN.shard_jobs[PLAN.sweeps[wildcards.sweep].eval_shards].dataset
 

@@ -71,6 +71,7 @@ rule summarize_sweep:
             {
                 "saes": PLAN.sweeps[wc.sweep].saes,
                 "sae_group": PLAN.sweeps[wc.sweep].sae_group,
+                "model": get_sweep_model(wc),
             },
             sort_keys=True,
         ),

@@ -1,0 +1,31 @@
+"""The sweep table keeps every SAE's configuration and metrics; the Pareto front is right."""
+
+import polars as pl
+
+from saev_core import summarize
+
+
+def test_pareto_front_keeps_only_undominated_saes():
+    df = pl.DataFrame(
+        {
+            "sae": ["a", "b", "c", "d", "e"],
+            "l0": [4.0, 8.0, 8.0, 16.0, 32.0],
+            "normalized_mse": [0.5, 0.3, 0.4, 0.35, 0.1],
+        }
+    )
+    # c loses to b (same L0, more error); d loses to b (denser, more error).
+    assert summarize.pareto_front(df)["sae"].to_list() == ["a", "b", "e"]
+
+
+def test_table_and_files_with_and_without_concept_metrics(tmp_path):
+    saes = {"x1": {"layer": -1, "activation": "relu"}, "x2": {"layer": -1, "activation": "topk"}}
+    base = {"l0": 10.0, "normalized_mse": 0.2, "n_dead": 0}
+    metrics = {"x1": base | {"mean_best_ap": 0.7}, "x2": base | {"mean_best_ap": None}}
+    df = summarize.table(saes, metrics, {"x1": "g", "x2": "g"}, "tiny:vit-tiny-p8-64")
+    assert df["sae"].to_list() == ["x1", "x2"]
+    assert df["model"].unique().to_list() == ["tiny:vit-tiny-p8-64"]
+    assert df["mean_best_ap"].to_list() == [0.7, None]
+    df.write_parquet(tmp_path / "s.parquet")
+    assert pl.read_parquet(tmp_path / "s.parquet").equals(df)
+    summarize.plot(df, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
