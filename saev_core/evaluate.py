@@ -47,7 +47,7 @@ class Evaluation(typing.NamedTuple):
 
 
 def encoded(model: sae.SparseAutoencoder, reader, layer: int, tokens: str):
-    """(first image, x_ND, f_x_NF) per chunk of whole images, in disk order."""
+    """(first image, number of images, x_ND, f_x_NF) per chunk of whole images, in disk order."""
     device = model.b_dec.device
     for start, x_NTD in loaders.OrderedLoader(reader, layer, tokens):
         x_ND = torch.from_numpy(x_NTD.reshape(-1, model.cfg.d_vit)).to(device)

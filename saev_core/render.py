@@ -5,9 +5,10 @@ Run as `python -m saev_core.render --sae-fpath .../sae.pt --topk-fpath .../topk.
 --out-dpath .../features --grid-fpath .../grid.png`, where the render JSON holds the sweep's
 `render` settings (n_latents, seed, log10_freq_range, log10_value_range, include_latents).
 
-Writes `latents/<latent>/<rank>.jpg` (JPEG keeps a report of many SAEs small) and `latents/<latent>/metadata.json` for each selected latent,
-`values.png` (value distributions) and `index.html`, a browser that works from the file system
-(its data is inlined; images are relative links into `latents/`).
+Writes, for each selected latent, `latents/<latent>/<rank>.jpg` (JPEG keeps a report of many SAEs
+small) and `latents/<latent>/metadata.json`; then `values.png` (value distributions) and
+`index.html`, a browser that works from the file system (its data is inlined; images are relative
+links into `latents/`).
 
 Shape key: N = images, P = patches per image, D = d_vit, F = d_sae, K = top_k.
 """
