@@ -8,8 +8,8 @@ would take them. Both move the same bytes. The median of the repeats' ratios is 
 slow pass on a busy machine does not decide it.
 
 With a warm page cache both sides are memory copies: the raw read copies each byte once, the loader
-twice (into the shuffle buffer, then gathered into a batch). On the 2-core development machine that
-caps the ratio near 0.5 (memory traffic; measured ~0.45: raw ~6 GB/s, loader ~2.7 GB/s); see the notes on issue 4.
+twice (into the shuffle buffer, then gathered into a batch). On the 2-core development machine the
+memory traffic caps the ratio near 0.5 (measured ~0.45: raw ~6 GB/s, loader ~2.7 GB/s).
 
     python benchmarks/loader.py [--mb 1024] [--batch-size 4096] [--epochs 3] [--repeats 5]
 
