@@ -42,7 +42,8 @@ class ClassStats:
 
     def scored_classes(self) -> list[int]:
         """Classes with at least one patch, background excepted."""
-        return [c for c in range(self.n_classes) if c != BACKGROUND_CLASS and self.n_pos_C[c] > 0]
+        present = (self.n_pos_C > 0).nonzero().flatten().tolist()
+        return [c for c in present if c != BACKGROUND_CLASS]
 
     def candidates(self, n_candidates: int) -> dict[int, list[int]]:
         """Per scored class, the `n_candidates` latents most correlated with it."""

@@ -90,14 +90,15 @@ def top_k(
     values_FK = torch.nn.functional.pad(values_KF.T, (0, pad), value=0.0)
     imgs_FK = torch.nn.functional.pad(imgs_KF.T, (0, pad), value=-1)
     mean_F = torch.where(fires_F > 0, sums_F / fires_F.clamp(min=1), 0.0)
+    value_hist_FH = hist_FH.cpu().numpy()
     return TopK(
         top_values=values_FK.cpu().numpy(),
         top_imgs=imgs_FK.cpu().numpy(),
         freq=(fires_F / n_vectors).float().cpu().numpy(),
         mean_value=mean_F.float().cpu().numpy(),
-        percentile=estimate_percentile(hist_FH.cpu().numpy(), percentile_q),
+        percentile=estimate_percentile(value_hist_FH, percentile_q),
         percentile_q=percentile_q,
-        value_hist=hist_FH.cpu().numpy(),
+        value_hist=value_hist_FH,
     )
 
 

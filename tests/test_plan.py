@@ -20,6 +20,21 @@ def config():
     return plan.load_config(CONFIG_FPATH)
 
 
+def dry_run(config: dict | pathlib.Path, workdir: pathlib.Path, *args: str):
+    """`snakemake -n` of the workflow on `config` (a dict is written to `workdir` first)."""
+    if isinstance(config, dict):
+        config_fpath = workdir / "experiments.yaml"
+        config_fpath.write_text(yaml.safe_dump(config))
+    else:
+        config_fpath = config
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), *args]
+        + ["--directory", str(workdir), "--configfile", str(config_fpath)],
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_expand_grid_lists_and_alternatives():
     grid = [{"a": [1, 2], "b": "x"}, {"a": 3, "c": [True, False]}]
     assert plan.expand_grid(grid) == [
@@ -106,14 +121,7 @@ def test_unknown_model_is_a_plan_error(config):
 def test_snakemake_dry_run_rejects_bad_config_naming_the_key(tmp_path, edit, expected):
     config = yaml.safe_load(CONFIG_FPATH.read_text())
     edit(config)
-    bad_fpath = tmp_path / "bad.yaml"
-    bad_fpath.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad_fpath)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    result = dry_run(config, tmp_path)
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
 
@@ -155,15 +163,8 @@ def test_dataset_keys_of_another_kind_are_a_plan_error(config):
 def test_dry_run_has_one_dump_job_per_part_and_one_publish(tmp_path):
     config = yaml.safe_load(CONFIG_FPATH.read_text())
     config["activations"]["tiny-synthetic-train"]["n_parts"] = 3
-    config_fpath = tmp_path / "parts.yaml"
-    config_fpath.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(config_fpath)]
-        + ["--directory", str(tmp_path), "-s", str(REPO / "Snakefile")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = dry_run(config, tmp_path)
+    assert result.returncode == 0, result.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
     # 3 parts of the train dump + 1 of the val dump; one publish per directory.
     assert counts["dump_activations"] == "4" and counts["publish_activations"] == "2"
@@ -181,16 +182,9 @@ def test_reversed_render_range_is_a_plan_error(config):
 def test_wandb_project_reaches_the_training_jobs_only_when_set(tmp_path):
     config = yaml.safe_load(CONFIG_FPATH.read_text())
     config["sweeps"]["tiny-synthetic"]["wandb_project"] = "my saes"
-    config_fpath = tmp_path / "wandb.yaml"
-    config_fpath.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile")]
-    cmd += ["--directory", str(tmp_path)]
-    with_wandb = subprocess.run(
-        cmd + ["--configfile", str(config_fpath)], capture_output=True, text=True, check=True
-    ).stdout
-    without = subprocess.run(
-        cmd + ["--configfile", str(CONFIG_FPATH)], capture_output=True, text=True, check=True
-    ).stdout
+    with_wandb, without = dry_run(config, tmp_path, "-p"), dry_run(CONFIG_FPATH, tmp_path, "-p")
+    assert with_wandb.returncode == without.returncode == 0, with_wandb.stderr + without.stderr
+    with_wandb, without = with_wandb.stdout, without.stdout
     train_cmds = [line for line in with_wandb.splitlines() if "saev_core.train " in line]
     assert len(train_cmds) == 2
     assert all("--wandb-project 'my saes'" in line for line in train_cmds)
