@@ -38,7 +38,7 @@ lint: install
 	snakemake --lint
 
 report: install
-	snakemake --report results/report.zip
+	snakemake --report results/report.html
 
 clean:
 	rm -rf results .snakemake

@@ -111,7 +111,7 @@ def score_candidates(
 
 
 class Concept(typing.NamedTuple):
-    """The best latent for one class."""
+    """One scored (class, latent) candidate pair."""
 
     cls: int
     name: str
@@ -119,18 +119,26 @@ class Concept(typing.NamedTuple):
     latent: int
     ap: float
     f1: float
+    rank: int
+    """1 for the class's best latent (by AP), 2 for the next, ... among its candidates."""
 
 
-def best_latents(
+def ranked_candidates(
     candidates: dict[int, list[int]],
     scores: dict[tuple[int, int], tuple[float, float]],
     n_pos_C: torch.Tensor,
     class_names: list[str],
 ) -> list[Concept]:
-    """Per class, the candidate with the best AP (ties: the lower latent)."""
-    concepts = []
+    """Every candidate pair, by class, best AP first (ties: the lower latent)."""
+    ranked = []
     for c, latents in sorted(candidates.items()):
-        latent = max(latents, key=lambda f: (scores[c, f][0], -f))
-        ap, f1 = scores[c, latent]
-        concepts.append(Concept(c, class_names[c], int(n_pos_C[c]), latent, ap, f1))
-    return concepts
+        by_ap = sorted(latents, key=lambda f: (-scores[c, f][0], f))
+        for rank, latent in enumerate(by_ap, start=1):
+            ap, f1 = scores[c, latent]
+            ranked.append(Concept(c, class_names[c], int(n_pos_C[c]), latent, ap, f1, rank))
+    return ranked
+
+
+def best_latents(ranked: list[Concept]) -> list[Concept]:
+    """Per class, its rank-1 latent."""
+    return [concept for concept in ranked if concept.rank == 1]

@@ -3,8 +3,10 @@
 Run as `python -m saev_core.evaluate --sae-fpath .../sae.pt --shards-dpath results/shards/<HASH>
 --dataset-json '{...}' --out-dpath results/<sweep>/saes/<sae>`. Uses the layer and token kind the
 SAE was trained on. Writes `metrics.json` (scalars, one sweep-table row), `latents.npz` (per-latent
-firing frequency and mean value when firing), `histograms.png` and `concepts.csv` (per label
-class, the latent that predicts it best; empty where the shards have no `labels.bin`).
+firing frequency and mean value when firing), `histograms.png`, `concepts.csv` (per label
+class, the latent that predicts it best; empty where the shards have no `labels.bin`) and
+`concept_candidates.csv` (every scored class-latent pair with its rank in the class, which the
+feature browser uses to say what a latent means).
 
 Shape key: N = vectors, T = tokens per image, D = d_vit, F = d_sae, U = candidate latents.
 """
@@ -43,7 +45,8 @@ class Evaluation(typing.NamedTuple):
     mean_value_F: np.ndarray
     """Mean activation where it fires (0 if never)."""
     concepts: list[concepts.Concept]
-    """Best latent per label class; empty without patch labels."""
+    """Every scored (class, candidate latent) pair, ranked within its class; empty without
+    patch labels. The rank-1 pairs are the best latent per class."""
 
 
 def encoded(model: sae.SparseAutoencoder, reader, layer: int, tokens: str):
@@ -103,13 +106,14 @@ def evaluate(
         "n_almost_dead": int((freq_F < ALMOST_DEAD_FREQ).sum()),
         "n_dense": int((freq_F > DENSE_FREQ).sum()),
     }
-    found = []
+    ranked = []
     if class_stats is not None:
-        found = recover_concepts(model, reader, layer, class_stats, class_names, n_candidates)
+        ranked = recover_concepts(model, reader, layer, class_stats, class_names, n_candidates)
+    found = concepts.best_latents(ranked)
     metrics["n_concept_classes"] = len(found)
     metrics["mean_best_ap"] = float(np.mean([c.ap for c in found])) if found else None
     metrics["mean_best_f1"] = float(np.mean([c.f1 for c in found])) if found else None
-    return Evaluation(metrics, freq_F.numpy(), mean_value_F.numpy(), found)
+    return Evaluation(metrics, freq_F.numpy(), mean_value_F.numpy(), ranked)
 
 
 def recover_concepts(
@@ -120,7 +124,8 @@ def recover_concepts(
     class_names: list[str],
     n_candidates: int,
 ) -> list[concepts.Concept]:
-    """Score each class's candidate latents exactly, in as many passes as memory needs."""
+    """Score each class's candidate latents exactly, in as many passes as memory needs; return
+    every scored pair, ranked within its class."""
     candidates = class_stats.candidates(n_candidates)
     latents = sorted({f for fs in candidates.values() for f in fs})
     device = model.b_dec.device
@@ -135,15 +140,20 @@ def recover_concepts(
         )
         scores |= concepts.score_candidates(candidates, values_NU, latents_U, labels_N)
     logger.info("scored %d candidate latents for %d classes", len(latents), len(candidates))
-    return concepts.best_latents(candidates, scores, class_stats.n_pos_C.cpu(), class_names)
+    return concepts.ranked_candidates(candidates, scores, class_stats.n_pos_C.cpu(), class_names)
 
 
-def concepts_csv(found: list[concepts.Concept]) -> str:
+CONCEPT_COLUMNS = ("class", "name", "n_patches", "latent", "average_precision", "best_f1", "rank")
+
+
+def concepts_csv(rows: list[concepts.Concept], with_rank: bool) -> str:
+    """`concepts.csv` (best latent per class) or, `with_rank`, `concept_candidates.csv`."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["class", "name", "n_patches", "latent", "average_precision", "best_f1"])
-    for c in found:
-        writer.writerow([c.cls, c.name, c.n_patches, c.latent, f"{c.ap:.6f}", f"{c.f1:.6f}"])
+    writer.writerow(CONCEPT_COLUMNS if with_rank else CONCEPT_COLUMNS[:-1])
+    for c in rows:
+        row = [c.cls, c.name, c.n_patches, c.latent, f"{c.ap:.6f}", f"{c.f1:.6f}", c.rank]
+        writer.writerow(row if with_rank else row[:-1])
     return out.getvalue()
 
 
@@ -176,7 +186,10 @@ def write(result: Evaluation, title: str, out_dpath: pathlib.Path):
     tmp_fpath = shards.tmp_sibling(out_dpath / "histograms.png")
     plot_histograms(result, title, tmp_fpath)
     tmp_fpath.replace(out_dpath / "histograms.png")
-    shards.write_atomic(out_dpath / "concepts.csv", concepts_csv(result.concepts).encode())
+    best = concepts.best_latents(result.concepts)
+    shards.write_atomic(out_dpath / "concepts.csv", concepts_csv(best, with_rank=False).encode())
+    candidates_csv = concepts_csv(result.concepts, with_rank=True)
+    shards.write_atomic(out_dpath / "concept_candidates.csv", candidates_csv.encode())
     metrics_json = json.dumps(result.metrics, indent=2) + "\n"
     shards.write_atomic(out_dpath / "metrics.json", metrics_json.encode())
 

@@ -2,13 +2,16 @@
 
 Run as `python -m saev_core.render --sae-fpath .../sae.pt --topk-fpath .../topk.npz
 --shards-dpath results/shards/<HASH> --dataset-json '{...}' --render-json '{...}'
---out-dpath .../features --grid-fpath .../grid.png`, where the render JSON holds the sweep's
-`render` settings (n_latents, seed, log10_freq_range, log10_value_range, include_latents).
+--out-dpath .../features --browser-fpath .../browser.html --grid-fpath .../grid.jpg`, where the
+render JSON holds the sweep's `render` settings (n_latents, n_images, seed, log10_freq_range,
+log10_value_range, include_latents); `--concepts-fpath` (the evaluation's
+`concept_candidates.csv`) and `--label` (the SAE's readable name) are optional.
 
-Writes, for each selected latent, `latents/<latent>/<rank>.jpg` (JPEG keeps a report of many SAEs
-small) and `latents/<latent>/metadata.json`; then `values.png` (value distributions) and
-`index.html`, a browser that works from the file system (its data is inlined; images are relative
-links into `latents/`).
+Writes `images/<index>.jpg` (each top image once, cropped as the model saw it), for each selected
+latent `latents/<latent>/<rank>.jpg` (the image with its patch heatmap, for people browsing the
+files and for `grid.jpg`) and `latents/<latent>/metadata.json`; then `values.png` (value
+distributions), `index.html` (the feature browser, images linked) and, at `--browser-fpath`, the
+same browser as one self-contained file (images inlined) for `snakemake --report`.
 
 Shape key: N = images, P = patches per image, D = d_vit, F = d_sae, K = top_k.
 """
@@ -18,6 +21,7 @@ import json
 import logging
 import math
 import pathlib
+import typing
 
 import matplotlib
 
@@ -25,19 +29,40 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
-from . import datasets, helpers, sae, shards, topk  # noqa: E402
+from . import browser, datasets, helpers, sae, shards, topk  # noqa: E402
 
 logger = logging.getLogger("render")
-THUMB_PX = 128
-JPEG_QUALITY = 90
-TEMPLATE_FPATH = pathlib.Path(__file__).with_name("browser.html")
+THUMB_PX = 160
+"""Largest side of the stored images: the page shows them at 144 CSS pixels."""
+JPEG_QUALITY = 75
+HEAT_LEVELS = 255
+"""Per-patch heat is stored as an integer 0..HEAT_LEVELS of the latent's maximum."""
+HEAT_CMAP = "inferno"
+DIM = 0.45
+"""Brightness of the patches where a latent does not fire, in the overlay images."""
+
+
+class Selection(typing.NamedTuple):
+    """Which latents get rendered, and why."""
+
+    latents: list[int]
+    """Sorted latents to render."""
+    filled: list[int]
+    """Those outside the filters, added (nearest first) because too few latents passed them."""
+    removed: dict[str, int]
+    """How many latents each filter left out: never fired, frequency range, value range."""
 
 
 def log10_or_nan(values: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.where(values > 0, np.log10(values), np.nan)
+
+
+def distance_outside(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """How far each value lies outside [lo, hi] (0 inside)."""
+    return np.maximum(lo - values, 0) + np.maximum(values - hi, 0)
 
 
 def select_latents(
@@ -47,27 +72,41 @@ def select_latents(
     log10_freq_range: tuple[float, float] = (-np.inf, np.inf),
     log10_value_range: tuple[float, float] = (-np.inf, np.inf),
     include_latents: tuple[int, ...] = (),
-) -> list[int]:
+    concept_latents: tuple[int, ...] = (),
+) -> Selection:
     """Up to `n_latents` latents drawn at random (with `seed`) from those that fired with log10
-    frequency and log10 mean value in the ranges, plus the `include_latents` that fired; sorted."""
+    frequency and log10 mean value in the ranges, plus the `include_latents` and
+    `concept_latents` (each labelled class's best latent) that fired. When
+    fewer than `n_latents` pass the ranges, the fired latents nearest to them fill up the rest,
+    so a sweep whose latents are all dense still shows some."""
     d_sae = len(result.freq)
     if out_of_range := [i for i in include_latents if not 0 <= i < d_sae]:
         raise ValueError(f"render.include_latents: {out_of_range} not in 0..{d_sae - 1} (d_sae)")
+    fired = result.freq > 0
     log_freq, log_value = log10_or_nan(result.freq), log10_or_nan(result.mean_value)
     with np.errstate(invalid="ignore"):
-        in_ranges = (
-            (log10_freq_range[0] <= log_freq)
-            & (log_freq <= log10_freq_range[1])
-            & (log10_value_range[0] <= log_value)
-            & (log_value <= log10_value_range[1])
-        )
-    eligible = np.setdiff1d(np.flatnonzero(in_ranges), include_latents)
+        freq_off = np.where(fired, distance_outside(log_freq, *log10_freq_range), np.inf)
+        value_off = np.where(fired, distance_outside(log_value, *log10_value_range), np.inf)
+    in_freq, in_value = freq_off == 0, value_off == 0
+    removed = {
+        "never fired": int((~fired).sum()),
+        "render.log10_freq_range": int((fired & ~in_freq).sum()),
+        "render.log10_value_range": int((fired & in_freq & ~in_value).sum()),
+    }
+    include_latents = tuple(include_latents) + tuple(concept_latents)
+    eligible = np.setdiff1d(np.flatnonzero(in_freq & in_value), include_latents)
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(eligible, size=min(n_latents, len(eligible)), replace=False)
-    if never_fired := [i for i in include_latents if result.freq[i] == 0]:
+    chosen = {
+        int(i) for i in rng.choice(eligible, size=min(n_latents, len(eligible)), replace=False)
+    }
+    distance = np.hypot(freq_off, value_off)
+    outside = np.setdiff1d(np.flatnonzero(fired & ~(in_freq & in_value)), include_latents)
+    nearest = outside[np.argsort(distance[outside], kind="stable")]
+    filled = [int(i) for i in nearest[: n_latents - len(chosen)]]
+    if never_fired := [i for i in include_latents if not fired[i]]:
         logger.warning("include_latents %s never fired: nothing to render", never_fired)
-    included = [i for i in include_latents if result.freq[i] > 0]
-    return sorted({int(i) for i in chosen} | set(included))
+    included = {int(i) for i in include_latents if fired[i]}
+    return Selection(sorted(chosen | included | set(filled)), filled, removed)
 
 
 @torch.no_grad()
@@ -94,59 +133,87 @@ def square_crop(img: Image.Image, px: int) -> Image.Image:
     return img.crop((left, top, left + px, top + px))
 
 
-def overlay(img: Image.Image, heat_P: np.ndarray, vmax: float) -> Image.Image:
-    """The image with the patch heatmap (scaled to `vmax`) blended on top in a warm colour map."""
+def thumbnail(img: Image.Image) -> Image.Image:
+    """The square the model saw, no larger than `THUMB_PX` (small images are not enlarged)."""
+    return square_crop(img, min(THUMB_PX, *img.size))
+
+
+def overlay(thumb: Image.Image, heat_P: np.ndarray) -> Image.Image:
+    """The image with its patch heatmap: patches where the latent is zero dimmed, firing
+    patches tinted by value (0..1 of the latent's maximum), the image's top patch outlined."""
     grid = int(round(math.sqrt(len(heat_P))))
-    heat = np.clip(heat_P.reshape(grid, grid) / max(vmax, 1e-12), 0, 1)
-    heat_px = (
-        np.asarray(
-            Image.fromarray((heat * 255).astype(np.uint8)).resize(
-                (THUMB_PX, THUMB_PX), Image.BILINEAR
-            )
+    px = thumb.width
+    heat_HW = np.asarray(
+        Image.fromarray(heat_P.reshape(grid, grid).astype(np.float32)).resize(
+            (px, px), Image.NEAREST
         )
-        / 255.0
-    )
-    colour = plt.get_cmap("inferno")(heat_px)[..., :3] * 255
-    alpha = (0.6 * heat_px)[..., None]
-    # Dim what the latent ignores so the patches it fires on stand out.
-    base = np.asarray(square_crop(img, THUMB_PX), dtype=np.float64) * (
-        0.7 + 0.3 * heat_px[..., None]
-    )
-    return Image.fromarray((base * (1 - alpha) + colour * alpha).astype(np.uint8))
+    )[..., None]
+    colour = plt.get_cmap(HEAT_CMAP)(heat_HW[..., 0])[..., :3] * 255
+    base = np.asarray(thumb, dtype=np.float64)
+    alpha = np.where(heat_HW > 0, 0.25 + 0.5 * heat_HW, 0.0)
+    shade = np.where(heat_HW > 0, 1.0, DIM)
+    out = Image.fromarray((base * shade * (1 - alpha) + colour * alpha).astype(np.uint8))
+    top = int(np.argmax(heat_P))
+    cell = px / grid
+    y0, x0 = divmod(top, grid)
+    box = [
+        round(x0 * cell),
+        round(y0 * cell),
+        round((x0 + 1) * cell) - 1,
+        round((y0 + 1) * cell) - 1,
+    ]
+    ImageDraw.Draw(out).rectangle(box, outline=(0, 229, 255), width=max(1, px // 80))
+    return out
 
 
 def render(
     model: sae.SparseAutoencoder,
     result: topk.TopK,
     reader: shards.ShardReader,
-    dataset,
+    dataset: datasets.Dataset,
     layer: int,
     out_dpath: pathlib.Path,
     latents: list[int],
+    n_images: int | None = None,
 ) -> list[dict]:
-    """Write the per-latent folders; return one summary per latent for the browser."""
+    """Write the shared images and the per-latent folders; return one summary per latent.
+
+    Each image entry names the label of its top patch where the shards have `labels.bin`, and
+    holds the latent's per-patch heat (0..HEAT_LEVELS of the latent's maximum `vmax`)."""
     out_dpath = pathlib.Path(out_dpath)
-    out_dpath.mkdir(parents=True, exist_ok=True)
-    needed = sorted({int(i) for latent in latents for i in result.top_imgs[latent] if i >= 0})
+    (out_dpath / "images").mkdir(parents=True, exist_ok=True)
+    top_imgs = {
+        latent: [int(i) for i in result.top_imgs[latent][:n_images] if i >= 0] for latent in latents
+    }
+    needed = sorted({i for imgs in top_imgs.values() for i in imgs})
     maps = patch_heatmaps(model, reader, layer, needed)
+    labels_NP = reader.labels()
+    thumbs = {}
+    for i in needed:
+        thumbs[i] = thumbnail(dataset.image(i))
+        thumbs[i].save(out_dpath / "images" / f"{i:06d}.jpg", quality=JPEG_QUALITY)
     summaries = []
     for latent in latents:
         latent_dpath = out_dpath / "latents" / f"{latent:05d}"
         latent_dpath.mkdir(parents=True, exist_ok=True)
-        img_indices = [int(i) for i in result.top_imgs[latent] if i >= 0]
-        vmax = max(float(maps[i][:, latent].max()) for i in img_indices)
+        vmax = max(float(maps[i][:, latent].max()) for i in top_imgs[latent])
         images = []
-        for rank, i in enumerate(img_indices):
-            fname = f"{rank:03d}.jpg"
-            overlay(dataset.image(i), maps[i][:, latent], vmax).save(
-                latent_dpath / fname, quality=JPEG_QUALITY
-            )
+        for rank, i in enumerate(top_imgs[latent]):
+            heat_P = maps[i][:, latent] / max(vmax, 1e-12)
+            top_patch = int(np.argmax(heat_P))
+            overlay(thumbs[i], heat_P).save(latent_dpath / f"{rank:03d}.jpg", quality=JPEG_QUALITY)
+            label = dataset.label(i)
+            if labels_NP is not None:
+                label = dataset.classes[int(labels_NP[i, top_patch])]
             images.append(
                 {
                     "index": i,
-                    "label": dataset.label(i),
+                    "label": label,
+                    "image_label": dataset.label(i),
                     "value": float(result.top_values[latent, rank]),
-                    "src": f"latents/{latent:05d}/{fname}",
+                    "top_patch": top_patch,
+                    "heat": np.rint(heat_P * HEAT_LEVELS).astype(int).tolist(),
+                    "overlay": f"latents/{latent:05d}/{rank:03d}.jpg",
                 }
             )
         summary = {
@@ -154,51 +221,13 @@ def render(
             "log10_freq": float(np.log10(result.freq[latent])),
             "log10_value": float(np.log10(result.mean_value[latent])),
             f"p{result.percentile_q:g}": float(result.percentile[latent]),
-            "value_hist": value_hist(result, latent),
+            "vmax": vmax,
+            "value_hist": browser.value_hist(result, latent),
             "images": images,
         }
         (latent_dpath / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
         summaries.append(summary)
     return summaries
-
-
-def value_hist(result: topk.TopK, latent: int) -> dict:
-    """The latent's histogram of log10 values, trimmed to its non-empty span."""
-    counts = result.value_hist[latent]
-    nonzero = np.flatnonzero(counts)
-    lo, hi = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, 0)
-    return {
-        "log10_lo": float(topk.BIN_EDGES[lo]),
-        "bin_width": float(topk.BIN_EDGES[1] - topk.BIN_EDGES[0]),
-        "counts": counts[lo:hi].tolist(),
-    }
-
-
-def write_browser(
-    out_dpath: pathlib.Path, result: topk.TopK, summaries: list[dict], title: str, note: str
-):
-    """A single `index.html` with its data inlined, so it works opened from the file system.
-
-    Besides the rendered latents it carries (latent, log10 frequency, log10 mean value) of every
-    latent that fired, for the histograms and the frequency/value scatter.
-    """
-    fired = np.flatnonzero(result.freq > 0)
-    data = {
-        "title": title,
-        "note": note,
-        "d_sae": len(result.freq),
-        "percentile": f"p{result.percentile_q:g}",
-        "all": {
-            "latent": fired.tolist(),
-            "log10_freq": np.round(np.log10(result.freq[fired]), 4).tolist(),
-            "log10_value": np.round(np.log10(result.mean_value[fired]), 4).tolist(),
-        },
-        "latents": summaries,
-    }
-    html = TEMPLATE_FPATH.read_text().replace(
-        "/*DATA*/null", json.dumps(data).replace("</", "<\\/")
-    )
-    shards.write_atomic(pathlib.Path(out_dpath) / "index.html", html.encode())
 
 
 def plot_value_distributions(
@@ -219,7 +248,9 @@ def plot_value_distributions(
     plt.close(fig)
 
 
-def write_grid(out_dpath: pathlib.Path, summaries: list[dict], grid_fpath: pathlib.Path):
+def write_grid(
+    out_dpath: pathlib.Path, summaries: list[dict], grid_fpath: pathlib.Path, title: str = ""
+):
     """A sample of latents, one row each, for the report."""
     rows = summaries[:6]
     n_cols = max(1, max((min(6, len(s["images"])) for s in rows), default=1))
@@ -230,7 +261,7 @@ def write_grid(out_dpath: pathlib.Path, summaries: list[dict], grid_fpath: pathl
         ax.axis("off")
     for r, summary in enumerate(rows):
         for c, image in enumerate(summary["images"][:n_cols]):
-            axes[r, c].imshow(Image.open(pathlib.Path(out_dpath) / image["src"]))
+            axes[r, c].imshow(Image.open(pathlib.Path(out_dpath) / image["overlay"]))
             axes[r, c].set_title(f"{image['label']}\n{image['value']:.2f}", fontsize=7)
         axes[r, 0].text(
             -0.1,
@@ -242,8 +273,10 @@ def write_grid(out_dpath: pathlib.Path, summaries: list[dict], grid_fpath: pathl
             ha="right",
             fontsize=8,
         )
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(grid_fpath, dpi=72)
+    fig.savefig(grid_fpath, dpi=72, pil_kwargs={"quality": JPEG_QUALITY})
     plt.close(fig)
 
 
@@ -255,7 +288,10 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--dataset-json", required=True, help="dataset config (with root) as JSON")
     parser.add_argument("--render-json", required=True, help="the sweep's render settings as JSON")
     parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
+    parser.add_argument("--browser-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--grid-fpath", type=pathlib.Path, required=True)
+    parser.add_argument("--concepts-fpath", type=pathlib.Path, help="concept_candidates.csv")
+    parser.add_argument("--label", default="", help="the SAE's readable name")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     helpers.setup_logging()
@@ -263,20 +299,45 @@ def main(argv: list[str] | None = None):
     result = topk.load(args.topk_fpath)
     reader = shards.ShardReader(args.shards_dpath)
     dataset = datasets.load(json.loads(args.dataset_json))
-    latents = select_latents(result, **json.loads(args.render_json))
-    logger.info("rendering %d latents: %s", len(latents), latents)
-    summaries = render(model, result, reader, dataset, train_cfg["layer"], args.out_dpath, latents)
-    plot_value_distributions(result, latents, args.out_dpath / "values.png")
-    md = reader.metadata
-    title = f"SAE {args.sae_fpath.parent.name}: {md.vit_family} {md.vit_ckpt}, layer {train_cfg['layer']}"
-    note = (
-        "Activations come from a randomly initialised ViT: features reflect colours and "
-        "textures, not learned semantics."
-        if md.vit_family == "tiny"
-        else ""
+    render_cfg = json.loads(args.render_json)
+    n_images = render_cfg.pop("n_images", None)
+    concepts = browser.read_concepts(args.concepts_fpath) if args.concepts_fpath else {}
+    best_for_a_class = [f for f, found in concepts.items() if any(c["rank"] == 1 for c in found)]
+    selection = select_latents(result, **render_cfg, concept_latents=best_for_a_class)
+    logger.info(
+        "rendering %d latents: %s; %d outside the filters fill up n_latents=%d (%s); "
+        "left out by filter: %s",
+        len(selection.latents),
+        selection.latents,
+        len(selection.filled),
+        render_cfg["n_latents"],
+        selection.filled,
+        selection.removed,
     )
-    write_browser(args.out_dpath, result, summaries, title, note)
-    write_grid(args.out_dpath, summaries, args.grid_fpath)
+    layer = train_cfg["layer"]
+    summaries = render(
+        model, result, reader, dataset, layer, args.out_dpath, selection.latents, n_images
+    )
+    plot_value_distributions(result, selection.latents, args.out_dpath / "values.png")
+    md = reader.metadata
+    sae_name = args.label or f"SAE {args.sae_fpath.parent.name}"
+    title = (
+        f"{sae_name} ({args.sae_fpath.parent.name}): {md.vit_family} {md.vit_ckpt}, layer {layer}"
+    )
+    data = browser.page_data(
+        result,
+        summaries,
+        selection,
+        title=title,
+        note=browser.random_weights_note(md.vit_family),
+        patches_per_side=int(round(math.sqrt(md.n_patches_per_img))),
+        concepts=concepts,
+    )
+    browser.write(args.out_dpath / "index.html", data, images_dpath=None)
+    browser.write(args.browser_fpath, data, images_dpath=args.out_dpath)
+    # The report's sample leads with the latents that best predict a labelled class.
+    by_meaning = sorted(summaries, key=lambda s: s["latent"] not in best_for_a_class)
+    write_grid(args.out_dpath, by_meaning, args.grid_fpath, title=sae_name)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
+MAX_ANNOTATED = 40
+"""Above this many SAEs per (model, layer), only the Pareto frontier's points are labelled."""
+
 
 def table(
-    saes: dict[str, dict], metrics: dict[str, dict], sae_group: dict[str, str], model: str
+    saes: dict[str, dict],
+    metrics: dict[str, dict],
+    sae_group: dict[str, str],
+    model: str,
+    labels: dict[str, str],
 ) -> pl.DataFrame:
-    """One row per SAE: id, model, group, its configuration and its metrics."""
+    """One row per SAE: id, readable label, model, group, its configuration and its metrics."""
     rows = [
-        {"sae": sae_id, "model": model, "group": sae_group[sae_id]} | saes[sae_id] | metrics[sae_id]
+        {"sae": sae_id, "label": labels[sae_id], "model": model, "group": sae_group[sae_id]}
+        | saes[sae_id]
+        | metrics[sae_id]
         for sae_id in sorted(saes)
     ]
     return pl.DataFrame(rows, infer_schema_length=None)
@@ -37,12 +46,27 @@ def pareto_front(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def plot(df: pl.DataFrame, out_fpath: pathlib.Path):
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    for (model, layer), sub in df.group_by(["model", "layer"], maintain_order=True):
+    """L0 vs normalised MSE, one colour and frontier per (model, layer); points carry their SAE
+    label without the layer, which the colour already says."""
+    fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
+    groups = df.group_by(["model", "layer"], maintain_order=True)
+    for g, ((model, layer), sub) in enumerate(groups):
         label = f"{model}, layer {layer}"
         points = ax.scatter(sub["l0"], sub["normalized_mse"], label=label, alpha=0.8)
+        colour = points.get_facecolor()[0]
         front = pareto_front(sub)
-        ax.plot(front["l0"], front["normalized_mse"], color=points.get_facecolor()[0], lw=1)
+        ax.plot(front["l0"], front["normalized_mse"], color=colour, lw=1)
+        named = sub if len(sub) <= MAX_ANNOTATED else front
+        for row in named.iter_rows(named=True):
+            text = row["label"].removeprefix(f"L{layer} ")
+            ax.annotate(
+                text,
+                (row["l0"], row["normalized_mse"]),
+                xytext=(5, 4 - 9 * (g % 2)),  # layers alternate above and below
+                textcoords="offset points",
+                fontsize=6,
+                color=colour,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("L0 (latents firing per token)")
     ax.set_ylabel("normalised MSE")
@@ -57,7 +81,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument(
         "--sweep-json",
         required=True,
-        help='{"saes": {id: cfg}, "sae_group": {id: group id}, "model": "family:ckpt"}',
+        help='{"saes": {id: cfg}, "sae_group": {id: group}, "model": "family:ckpt", "labels": {id: label}}',
     )
     parser.add_argument("--metrics-fpaths", type=pathlib.Path, nargs="+", required=True)
     parser.add_argument("--out-csv-fpath", type=pathlib.Path, required=True)
@@ -66,7 +90,7 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     sweep = json.loads(args.sweep_json)
     metrics = {fpath.parent.name: json.loads(fpath.read_text()) for fpath in args.metrics_fpaths}
-    df = table(sweep["saes"], metrics, sweep["sae_group"], sweep["model"])
+    df = table(sweep["saes"], metrics, sweep["sae_group"], sweep["model"], sweep["labels"])
     df.write_csv(args.out_csv_fpath)
     df.write_parquet(args.out_parquet_fpath)
     plot(df, args.out_plot_fpath)

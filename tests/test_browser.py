@@ -1,15 +1,20 @@
-"""The feature browser works in a real headless Chromium, opened from the file system.
+"""The feature browser works in a real headless Chromium, opened from the file system and, as the
+report shows it, as a self-contained page inside an iframe of a `data:` URL.
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Skipped when they are
 missing unless SAEV_REQUIRE_BROWSER is set, which CI does, so there it fails instead.
 """
 
+import base64
+import csv
+import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
-from saev_core import datasets, render, sae, shards, topk
+from saev_core import datasets, evaluate, render, sae, shards, topk
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -22,18 +27,36 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+N_LATENTS = 8
+
 
 @pytest.fixture(scope="module")
-def browser_fpath(shards_dpath, trained_dpath, dataset_cfg, tmp_path_factory):
-    model, _ = sae.load_trained(trained_dpath / "topk" / "sae.pt")
+def rendered(shards_dpath, trained_dpath, dataset_cfg, tmp_path_factory):
+    """What the workflow's evaluate, top-k and render steps leave for one SAE."""
+    tmp_path = tmp_path_factory.mktemp("features")
+    sae_fpath = trained_dpath / "topk" / "sae.pt"
+    model, _ = sae.load_trained(sae_fpath)
     reader = shards.ShardReader(shards_dpath)
-    result = topk.top_k(model, reader, -1, "patches", k=4)
-    latents = render.select_latents(result, n_latents=8, seed=0)
-    out_dpath = tmp_path_factory.mktemp("features")
-    dataset = datasets.load(dataset_cfg)
-    summaries = render.render(model, result, reader, dataset, -1, out_dpath, latents)
-    render.write_browser(out_dpath, result, summaries, "test SAE", "")
-    return out_dpath / "index.html"
+    class_names = datasets.load(dataset_cfg).classes
+    evaluate.write(evaluate.evaluate(model, reader, -1, "patches", class_names), "t", tmp_path)
+    topk.save(tmp_path / "topk.npz", topk.top_k(model, reader, -1, "patches", k=4))
+    render_cfg = {"n_latents": N_LATENTS, "seed": 0, "log10_freq_range": [-6, 0]}
+    render.main(
+        [
+            *("--sae-fpath", str(sae_fpath)),
+            *("--topk-fpath", str(tmp_path / "topk.npz")),
+            *("--concepts-fpath", str(tmp_path / "concept_candidates.csv")),
+            *("--shards-dpath", str(shards_dpath)),
+            *("--dataset-json", json.dumps(dataset_cfg)),
+            *("--render-json", json.dumps(render_cfg)),
+            *("--out-dpath", str(tmp_path / "features")),
+            *("--browser-fpath", str(tmp_path / "browser.html")),
+            *("--grid-fpath", str(tmp_path / "grid.jpg")),
+            *("--label", "L-1 topk k=8 x4"),
+            *("--device", "cpu"),
+        ]
+    )
+    return tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +74,10 @@ def driver():
 
 def heading(driver) -> str:
     return driver.find_element(By.ID, "heading").text
+
+
+def text(driver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
 
 
 def nav_latents(driver) -> list[int]:
@@ -78,15 +105,23 @@ def console_errors(driver) -> list[dict]:
     return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
-def test_browser_works_in_chromium(driver, browser_fpath):
-    driver.get(browser_fpath.as_uri())
+def open_page(driver, fpath, fragment: str = ""):
+    driver.get(fpath.as_uri() + fragment)
+    WebDriverWait(driver, 10).until(lambda d: heading(d) != "")
+
+
+def test_browser_works_in_chromium(driver, rendered):
+    open_page(driver, rendered / "features" / "index.html")
     assert console_errors(driver) == []
     latents = nav_latents(driver)
-    assert len(latents) == 8 and latents == sorted(latents)
+    assert len(latents) >= N_LATENTS and latents == sorted(latents)
     assert heading(driver) == f"Latent {latents[0]}"
+    assert "L-1 topk k=8 x4" in text(driver, "title")
     WebDriverWait(driver, 10).until(images_loaded)
-    for canvas_id in ("freq-hist", "value-hist", "latent-hist", "scatter"):
+    for canvas_id in ("freq-hist", "value-hist", "latent-hist", "scatter", "colorbar"):
         assert canvas_is_drawn(driver, canvas_id), canvas_id
+    n_overlays = len(driver.find_elements(By.CSS_SELECTOR, "#grid canvas.heat"))
+    assert n_overlays == len(driver.find_elements(By.CSS_SELECTOR, "#grid img")) > 0
 
     driver.find_element(By.ID, "next").click()
     assert heading(driver) == f"Latent {latents[1]}"
@@ -116,6 +151,8 @@ def test_browser_works_in_chromium(driver, browser_fpath):
 
     target = max((i for i in latents if i != latents[3]), key=isolation)
     canvas = driver.find_element(By.ID, "scatter")
+    # Offsets count from the centre of the element's visible part: show all of it first.
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas)
     x, y = points[target]
     ActionChains(driver).move_to_element_with_offset(
         canvas, round(x - canvas.size["width"] / 2), round(y - canvas.size["height"] / 2)
@@ -123,3 +160,93 @@ def test_browser_works_in_chromium(driver, browser_fpath):
     assert heading(driver) == f"Latent {target}"
     WebDriverWait(driver, 10).until(images_loaded)
     assert console_errors(driver) == []
+
+
+def test_deep_links_and_history(driver, rendered):
+    page = rendered / "features" / "index.html"
+    open_page(driver, page)
+    latents = nav_latents(driver)
+    open_page(driver, page, f"#latent={latents[2]}")
+    assert heading(driver) == f"Latent {latents[2]}"
+    driver.find_element(By.ID, "next").click()
+    assert heading(driver) == f"Latent {latents[3]}"
+    assert driver.execute_script("return location.hash") == f"#latent={latents[3]}"
+    driver.back()
+    WebDriverWait(driver, 5).until(lambda d: heading(d) == f"Latent {latents[2]}")
+    driver.forward()
+    WebDriverWait(driver, 5).until(lambda d: heading(d) == f"Latent {latents[3]}")
+    assert console_errors(driver) == []
+
+
+def test_captions_name_the_label_of_the_strongest_patch(
+    driver, rendered, shards_dpath, dataset_cfg
+):
+    open_page(driver, rendered / "features" / "index.html")
+    WebDriverWait(driver, 10).until(images_loaded)
+    labels_NP = shards.ShardReader(shards_dpath).labels()
+    class_names = datasets.load(dataset_cfg).classes
+    entry = driver.execute_script("return DATA.latents.find((l) => l.latent === current);")
+    captions = driver.find_elements(By.CSS_SELECTOR, "#grid figcaption .label")
+    assert len(captions) == len(entry["images"])
+    for caption, image in zip(captions, entry["images"], strict=True):
+        heat_P = np.frombuffer(base64.b64decode(image["heat"]), dtype=np.uint8)
+        assert image["top_patch"] == int(np.argmax(heat_P))
+        assert caption.text == class_names[labels_NP[image["index"], image["top_patch"]]]
+
+
+def concept_rows(rendered) -> list[dict]:
+    with open(rendered / "concepts.csv", newline="") as fd:
+        return list(csv.DictReader(fd))
+
+
+def test_best_concept_line_matches_concepts_csv(driver, rendered):
+    page = rendered / "features" / "index.html"
+    rows = concept_rows(rendered)
+    assert rows
+    for row in rows:
+        open_page(driver, page, f"#latent={row['latent']}")
+        line = text(driver, "concept")
+        expected = (
+            f"{row['name']} — AP {float(row['average_precision']):.3f}, "
+            f"F1 {float(row['best_f1']):.3f}, rank 1 of"
+        )
+        assert expected in line, line
+    # Each class's best latent is rendered, whatever the random draw.
+    open_page(driver, page)
+    assert {int(row["latent"]) for row in rows} <= set(nav_latents(driver))
+
+
+def test_unrendered_latent_shows_its_statistics(driver, rendered):
+    page = rendered / "features" / "index.html"
+    open_page(driver, page)
+    shown = set(nav_latents(driver))
+    result = topk.load(rendered / "topk.npz")
+    latent = next(i for i in np.flatnonzero(result.freq > 0) if i not in shown)
+    open_page(driver, page, f"#latent={latent}")
+    assert heading(driver) == f"Latent {latent} (not rendered)"
+    stats = text(driver, "stats")
+    assert f"firing frequency {result.freq[latent]:.3g}" in stats
+    assert f"p99 {result.percentile[latent]:.3g}" in stats
+    assert canvas_is_drawn(driver, "latent-hist")
+    assert driver.find_elements(By.CSS_SELECTOR, "#grid figure") == []
+    assert console_errors(driver) == []
+
+
+def test_single_file_browser_works_inside_a_data_url_iframe(driver, rendered, tmp_path):
+    """As `snakemake --report` embeds it: no image files beside it, an opaque origin."""
+    encoded = base64.b64encode((rendered / "browser.html").read_bytes()).decode()
+    host = tmp_path / "host.html"
+    host.write_text(
+        f'<iframe id="f" width="1100" height="900" src="data:text/html;base64,{encoded}"></iframe>'
+    )
+    driver.get(host.as_uri())
+    driver.switch_to.frame(driver.find_element(By.ID, "f"))
+    try:
+        WebDriverWait(driver, 10).until(images_loaded)
+        first = heading(driver)
+        driver.find_element(By.ID, "next").click()
+        assert heading(driver) != first
+        assert driver.execute_script("return location.hash").startswith("#latent=")
+        assert console_errors(driver) == []
+    finally:
+        driver.switch_to.default_content()

@@ -49,8 +49,14 @@ def test_latent_equal_to_a_class_indicator_is_found_with_ap_one():
     assert candidates[2][0] == 17
     latents = sorted({f for fs in candidates.values() for f in fs})
     scores = concepts.score_candidates(candidates, f_x_NF[:, latents], latents, labels_N)
-    found = concepts.best_latents(candidates, scores, stats.n_pos_C, ["bg", "a", "b", "c"])
-    by_class = {c.cls: c for c in found}
+    ranked = concepts.ranked_candidates(candidates, scores, stats.n_pos_C, ["bg", "a", "b", "c"])
+    assert sorted((c.cls, c.rank) for c in ranked) == [
+        (c, r) for c in (1, 2, 3) for r in (1, 2, 3, 4)
+    ]
+    for c in (1, 2, 3):  # ranks follow AP
+        aps = [r.ap for r in sorted(ranked, key=lambda r: r.rank) if r.cls == c]
+        assert aps == sorted(aps, reverse=True)
+    by_class = {c.cls: c for c in concepts.best_latents(ranked)}
     assert by_class[2].latent == 17 and by_class[2].name == "b"
     assert by_class[2].ap == 1.0 and by_class[2].f1 == 1.0
     assert by_class[1].ap < 0.5 and by_class[3].ap < 0.5
@@ -97,8 +103,10 @@ def test_evaluation_equals_brute_force(shards_dpath, trained_dpath, dataset_cfg,
     # With every latent a candidate, the best AP per class is the best over all latents.
     labels_N = np.array(reader.labels()).reshape(-1)
     classes = [c for c in range(1, len(class_names)) if (labels_N == c).any()]
-    assert [c.cls for c in result.concepts] == classes
-    for concept in result.concepts:
+    best = concepts.best_latents(result.concepts)
+    assert [c.cls for c in best] == classes
+    assert len(result.concepts) == len(classes) * model.cfg.d_sae  # every latent ranked
+    for concept in best:
         positive_N = labels_N == concept.cls
         aps = [
             concepts.ap_and_best_f1(torch.from_numpy(values), torch.from_numpy(positive_N))[0]
@@ -108,7 +116,7 @@ def test_evaluation_equals_brute_force(shards_dpath, trained_dpath, dataset_cfg,
         expected_ap, expected_f1 = brute_force_ap_f1(f_x_NF[:, concept.latent], positive_N)
         assert (concept.ap, concept.f1) == pytest.approx((expected_ap, expected_f1), rel=1e-6)
         assert concept.n_patches == positive_N.sum()
-    assert m["mean_best_ap"] == pytest.approx(np.mean([c.ap for c in result.concepts]))
+    assert m["mean_best_ap"] == pytest.approx(np.mean([c.ap for c in best]))
 
 
 def test_sae_that_never_fires_is_reported_not_a_crash(
@@ -142,3 +150,4 @@ def test_shards_without_labels_give_no_concepts(shards_dpath, trained_dpath, tmp
         np.testing.assert_array_equal(latents["freq"], result.freq_F)
     header = "class,name,n_patches,latent,average_precision,best_f1"
     assert (tmp_path / "concepts.csv").read_text().splitlines() == [header]
+    assert (tmp_path / "concept_candidates.csv").read_text().splitlines() == [header + ",rank"]

@@ -21,8 +21,10 @@ def test_table_and_files_with_and_without_concept_metrics(tmp_path):
     saes = {"x1": {"layer": -1, "activation": "relu"}, "x2": {"layer": -1, "activation": "topk"}}
     base = {"l0": 10.0, "normalized_mse": 0.2, "n_dead": 0}
     metrics = {"x1": base | {"mean_best_ap": 0.7}, "x2": base | {"mean_best_ap": None}}
-    df = summarize.table(saes, metrics, {"x1": "g", "x2": "g"}, "tiny:vit-tiny-p8-64")
+    labels = {"x1": "L-1 relu l1=4e-4 x8", "x2": "L-1 topk k=16 x8"}
+    df = summarize.table(saes, metrics, {"x1": "g", "x2": "g"}, "tiny:vit-tiny-p8-64", labels)
     assert df["sae"].to_list() == ["x1", "x2"]
+    assert df.columns[:2] == ["sae", "label"] and df["label"].to_list() == list(labels.values())
     assert df["model"].unique().to_list() == ["tiny:vit-tiny-p8-64"]
     assert df["mean_best_ap"].to_list() == [0.7, None]
     df.write_parquet(tmp_path / "s.parquet")

@@ -59,8 +59,9 @@ CONFIG = {
                 {"activation": "topk", "k": [4, 8]},
             ],
             "top_k": 4,
-            # After a few steps most latents are dense (> 10%): render those too.
-            "render": {"n_latents": 3, "log10_freq_range": [-6, 0]},
+            # After a few steps most latents are dense (> 10%), outside the default frequency
+            # range: the nearest fill up the page.
+            "render": {"n_latents": 3},
         }
     },
 }
@@ -135,9 +136,11 @@ def test_run_leaves_what_users_open(workdir):
         assert (sae_dpath / "histograms.png").stat().st_size > 0
         assert (sae_dpath / "latents.npz").stat().st_size > 0
         assert (sae_dpath / "features" / "values.png").stat().st_size > 0
-        assert (sae_dpath / "features" / "index.html").exists()
+        page = (sae_dpath / "features" / "index.html").read_text()
+        data = json.loads(re.search(r"const DATA = (.*);\n", page).group(1))
+        assert len(data["latents"]) >= 3  # never an empty browser
         assert list((sae_dpath / "features" / "latents").glob("*/000.jpg"))
-        assert (sae_dpath / "grid.png").stat().st_size > 0
+        assert (sae_dpath / "grid.jpg").stat().st_size > 0
     assert (results / "s" / "pareto.png").stat().st_size > 0
 
 
@@ -163,19 +166,55 @@ def test_editing_one_value_reruns_only_its_group(workdir):
     }
 
 
-def test_report_builds_offline_with_the_browsers(workdir):
+def sae_labels(workdir) -> list[str]:
+    return pl.read_csv(workdir / "results" / "s" / "summary.csv")["label"].to_list()
+
+
+def test_summary_names_each_sae_by_a_unique_label(workdir):
+    summary = pl.read_csv(workdir / "results" / "s" / "summary.csv")
+    assert summary.columns[:2] == ["sae", "label"]
+    assert sorted(summary["label"]) == [
+        "L-1 relu l1=0.01 x4",
+        "L-1 topk k=4 x4",
+        "L-1 topk k=8 x4",
+        "L-2 relu l1=0.01 x4",
+        "L-2 topk k=4 x4",
+        "L-2 topk k=8 x4",
+    ]
+
+
+@pytest.mark.parametrize("target", [None, "results/report.html"])
+def test_plain_html_report_builds_offline_with_every_sae(workdir, target):
+    """`snakemake --report` as users type it (report.html), and with a path."""
+    snakemake(workdir, "--report", *([target] if target else []))
+    html = (workdir / (target or "report.html")).read_text()
+    for category in ("Sweep summary", "Evaluation", "Features"):
+        assert category in html
+    for label in sae_labels(workdir):
+        assert label in html
+    # Each SAE's browser is in it as one self-contained file (base64 of browser.html).
+    n_saes = len(sae_labels(workdir))
+    assert html.count("browser.html") >= n_saes
+
+
+def test_zip_report_holds_each_browser_once(workdir):
     snakemake(workdir, "--report", "report.zip")
     with zipfile.ZipFile(workdir / "report.zip") as archive:
         names = archive.namelist()
         html = archive.read("report/report.html").decode()
+        browsers = [archive.read(name) for name in names if name.endswith("/browser.html")]
     for category in ("Sweep summary", "Evaluation", "Features"):
         assert category in html
-    n_saes = len(list((workdir / "results" / "s" / "saes").iterdir()))
+    for label in sae_labels(workdir):
+        assert label in html
+    n_saes = len(sae_labels(workdir))
     for fname in ("pareto.png", "summary.csv"):
         assert sum(name.endswith("/" + fname) for name in names) == 1
-    for fname in ("histograms.png", "concepts.csv", "grid.png"):
+    for fname in ("histograms.png", "concepts.csv", "grid.jpg"):
         assert sum(name.endswith("/" + fname) for name in names) == n_saes
-    browsers = [name.removesuffix("index.html") for name in names if name.endswith("index.html")]
     assert len(browsers) == n_saes
-    for prefix in browsers:  # each browser's images travel with it
-        assert any(name.startswith(prefix + "latents/") and name.endswith(".jpg") for name in names)
+    for page in browsers:  # self-contained: images inlined, nothing linked beside it
+        assert b"data:image/jpeg;base64," in page and b'"images/0' not in page
+    assert not any(name.endswith(".jpg") and "/latents/" in name for name in names)
+    # Thumbnails once per SAE, sized for the page: 6 small SAEs stay well under 2 MB.
+    assert (workdir / "report.zip").stat().st_size < 2_000_000

@@ -83,6 +83,16 @@ def get_group_json(wildcards):
     return json.dumps({"stream": group.stream, "saes": saes}, sort_keys=True)
 
 
+def get_report_labels(view):
+    """Report labels of one SAE's item: its readable label, its id and what the item shows."""
+
+    def labels(wildcards):
+        label = PLAN.sweeps[wildcards.sweep].labels[wildcards.sae]
+        return {"SAE": label, "id": wildcards.sae, "view": view}
+
+    return labels
+
+
 def get_all_outputs():
     outputs = []
     for name, sweep in PLAN.sweeps.items():
@@ -91,6 +101,12 @@ def get_all_outputs():
             sae_dpath = f"results/{name}/saes/{sae_id}"
             outputs += [
                 f"{sae_dpath}/{fname}"
-                for fname in ("histograms.png", "concepts.csv", "features", "grid.png")
+                for fname in (
+                    "histograms.png",
+                    "concepts.csv",
+                    "features",
+                    "browser.html",
+                    "grid.jpg",
+                )
             ]
     return outputs

@@ -12,15 +12,16 @@ rule evaluate_sae:
             caption="../report/histograms.rst",
             category="Evaluation",
             subcategory="{sweep}",
-            labels={"SAE": "{sae}", "view": "latent histograms"},
+            labels=get_report_labels("latent histograms"),
         ),
         concepts=report(
             "results/{sweep}/saes/{sae}/concepts.csv",
             caption="../report/concepts.rst",
             category="Evaluation",
             subcategory="{sweep}",
-            labels={"SAE": "{sae}", "view": "concept recovery"},
+            labels=get_report_labels("concept recovery"),
         ),
+        concept_candidates="results/{sweep}/saes/{sae}/concept_candidates.csv",
     log:
         "results/logs/evaluate_sae/{sweep}/{sae}.log",
     benchmark:
@@ -72,6 +73,7 @@ rule summarize_sweep:
                 "saes": PLAN.sweeps[wc.sweep].saes,
                 "sae_group": PLAN.sweeps[wc.sweep].sae_group,
                 "model": get_sweep_model(wc),
+                "labels": PLAN.sweeps[wc.sweep].labels,
             },
             sort_keys=True,
         ),

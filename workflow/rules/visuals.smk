@@ -25,28 +25,30 @@ rule topk_images:
 
 
 rule render_features:
-    """Heatmap-overlaid top images per selected latent and the static feature browser."""
+    """Heatmap-overlaid top images per selected latent and the static feature browser, also as
+    one self-contained file for the report."""
     input:
         group=get_group_dpath,
         topk="results/{sweep}/saes/{sae}/topk.npz",
+        concepts="results/{sweep}/saes/{sae}/concept_candidates.csv",
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
         dataset=lambda wc: get_dataset_input(PLAN.sweeps[wc.sweep].dataset),
     output:
-        # A directory with an HTML entry point: only a .zip report can hold it.
+        browser_dpath=directory("results/{sweep}/saes/{sae}/features"),
+        # One file with the images inlined: a plain HTML report can hold it, a directory not.
         browser=report(
-            directory("results/{sweep}/saes/{sae}/features"),
-            htmlindex="index.html",
+            "results/{sweep}/saes/{sae}/browser.html",
             caption="../report/browser.rst",
             category="Features",
             subcategory="{sweep}",
-            labels={"SAE": "{sae}", "view": "feature browser"},
+            labels=get_report_labels("feature browser"),
         ),
         grid=report(
-            "results/{sweep}/saes/{sae}/grid.png",
+            "results/{sweep}/saes/{sae}/grid.jpg",
             caption="../report/grid.rst",
             category="Features",
             subcategory="{sweep}",
-            labels={"SAE": "{sae}", "view": "sample latents"},
+            labels=get_report_labels("sample latents"),
         ),
     log:
         "results/logs/render_features/{sweep}/{sae}.log",
@@ -58,9 +60,11 @@ rule render_features:
         shards_dpath=lambda wc, input: os.path.dirname(input.shards),
         dataset=lambda wc: json.dumps(PLAN.datasets[PLAN.sweeps[wc.sweep].dataset]),
         render=lambda wc: json.dumps(PLAN.sweeps[wc.sweep].render),
+        label=lambda wc: PLAN.sweeps[wc.sweep].labels[wc.sae],
     shell:
         "python -m saev_core.render --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
-        " --topk-fpath {input.topk:q} --shards-dpath {params.shards_dpath:q}"
-        " --dataset-json {params.dataset:q} --out-dpath {output.browser:q}"
-        " --grid-fpath {output.grid:q} --render-json {params.render:q}"
+        " --topk-fpath {input.topk:q} --concepts-fpath {input.concepts:q}"
+        " --shards-dpath {params.shards_dpath:q} --dataset-json {params.dataset:q}"
+        " --out-dpath {output.browser_dpath:q} --browser-fpath {output.browser:q}"
+        " --grid-fpath {output.grid:q} --render-json {params.render:q} --label {params.label:q}"
         " > {log} 2>&1"

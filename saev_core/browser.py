@@ -1,0 +1,130 @@
+"""The feature browser's page: the data it shows and the two ways it is written.
+
+`page_data` gathers what the page needs: every fired latent's statistics (frequency, mean value,
+percentile, value histogram), the rendered latents with their top images and per-patch heat, and
+what each latent means where the evaluation scored concepts. `write` puts it into the template
+(`browser.html`) either linking the images (`features/index.html`, next to `images/`) or with
+every image inlined, one self-contained file that `snakemake --report` can carry. Both work
+opened from the file system, without a server.
+"""
+
+import base64
+import csv
+import json
+import pathlib
+
+import numpy as np
+
+from . import shards, topk
+
+TEMPLATE_FPATH = pathlib.Path(__file__).with_name("browser.html")
+
+
+def value_hist(result: topk.TopK, latent: int) -> dict:
+    """The latent's histogram of log10 values, trimmed to its non-empty span."""
+    counts = result.value_hist[latent]
+    nonzero = np.flatnonzero(counts)
+    lo, hi = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, 0)
+    return {
+        "log10_lo": float(topk.BIN_EDGES[lo]),
+        "bin_width": float(topk.BIN_EDGES[1] - topk.BIN_EDGES[0]),
+        "counts": counts[lo:hi].tolist(),
+    }
+
+
+def random_weights_note(vit_family: str) -> str:
+    if vit_family != "tiny":
+        return ""
+    return (
+        "Activations come from a randomly initialised ViT: features reflect colours and "
+        "textures, not learned semantics."
+    )
+
+
+def read_concepts(fpath: pathlib.Path) -> dict[int, list[dict]]:
+    """`concept_candidates.csv` as latent -> its scored classes, best AP first, each with its
+    rank among the candidates of that class and how many candidates the class had."""
+    with open(fpath, newline="") as fd:
+        rows = list(csv.DictReader(fd))
+    n_candidates: dict[str, int] = {}
+    for row in rows:
+        n_candidates[row["class"]] = max(n_candidates.get(row["class"], 0), int(row["rank"]))
+    by_latent: dict[int, list[dict]] = {}
+    for row in rows:
+        by_latent.setdefault(int(row["latent"]), []).append(
+            {
+                "name": row["name"],
+                "ap": float(row["average_precision"]),
+                "f1": float(row["best_f1"]),
+                "rank": int(row["rank"]),
+                "n_candidates": n_candidates[row["class"]],
+            }
+        )
+    return {
+        latent: sorted(found, key=lambda c: (-c["ap"], c["rank"]))
+        for latent, found in by_latent.items()
+    }
+
+
+def page_data(
+    result: topk.TopK,
+    summaries: list[dict],
+    selection,
+    *,
+    title: str,
+    note: str,
+    patches_per_side: int,
+    concepts: dict[int, list[dict]],
+) -> dict:
+    """Everything the page shows, as one JSON-able dict (`selection` is a `render.Selection`)."""
+    fired = np.flatnonzero(result.freq > 0)
+    percentile = f"p{result.percentile_q:g}"
+    hists = [value_hist(result, int(i)) for i in fired]
+    image_indices = sorted({image["index"] for s in summaries for image in s["images"]})
+    return {
+        "title": title,
+        "note": note,
+        "d_sae": len(result.freq),
+        "percentile": percentile,
+        "patches_per_side": patches_per_side,
+        "heat_levels": 255,
+        "images": {str(i): f"images/{i:06d}.jpg" for i in image_indices},
+        "all": {
+            "latent": fired.tolist(),
+            "log10_freq": np.round(np.log10(result.freq[fired]), 4).tolist(),
+            "log10_value": np.round(np.log10(result.mean_value[fired]), 4).tolist(),
+            percentile: [float(f"{v:.4g}") for v in result.percentile[fired]],
+            "hist_lo": [h["log10_lo"] for h in hists],
+            "hist": [h["counts"] for h in hists],
+        },
+        "bin_width": float(topk.BIN_EDGES[1] - topk.BIN_EDGES[0]),
+        "latents": [{**s, "images": [page_image(im) for im in s["images"]]} for s in summaries],
+        "filled": selection.filled,
+        "removed": selection.removed,
+        "concepts": {str(latent): found for latent, found in concepts.items()},
+    }
+
+
+def page_image(image: dict) -> dict:
+    """A rendered image's entry as the page holds it: the heat as base64 bytes (a quarter of
+    the size of a JSON list), no overlay file."""
+    heat = base64.b64encode(np.asarray(image["heat"], dtype=np.uint8).tobytes()).decode()
+    return {**{k: v for k, v in image.items() if k != "overlay"}, "heat": heat}
+
+
+def inline_images(data: dict, images_dpath: pathlib.Path) -> dict:
+    """`data` with each image link replaced by a `data:` URI of the file's bytes."""
+    images = {}
+    for index, src in data["images"].items():
+        encoded = base64.b64encode((pathlib.Path(images_dpath) / src).read_bytes()).decode()
+        images[index] = f"data:image/jpeg;base64,{encoded}"
+    return {**data, "images": images}
+
+
+def write(fpath: pathlib.Path, data: dict, images_dpath: pathlib.Path | None):
+    """Write the page atomically; with `images_dpath`, the images are inlined from there."""
+    if images_dpath is not None:
+        data = inline_images(data, images_dpath)
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    html = TEMPLATE_FPATH.read_text().replace("/*DATA*/null", payload)
+    shards.write_atomic(pathlib.Path(fpath), html.encode())
