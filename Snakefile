@@ -1,17 +1,15 @@
 """saev-snakemake: ViT activations -> SAE sweeps -> metrics -> top-k images -> feature browser.
 
-Run `snakemake --profile profiles/local all` (or `make run`); see README.md.
+Run `snakemake --profile profiles/local all` (or `make run`); see README.md. The config is checked
+against workflow/schemas/experiments.schema.yaml and planned in workflow/rules/common.smk.
 """
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "config/experiments.yaml"
-
-
-validate(config, "workflow/schemas/experiments.schema.yaml")
 
 
 report: "workflow/report/workflow.rst"

@@ -35,9 +35,12 @@ def run_job(saes: dict, shards_dpath: pathlib.Path, out_dpath: pathlib.Path, ste
     stream = {"layer": -1, "tokens": "all", "batch_size": BATCH, "n_train": BATCH * steps}
     common = {**stream, "seed": 0, "lr": 1e-3, "warmup_steps": 2, "exp_factor": 8}
     group = {"stream": {**stream, "seed": 0}, "saes": {i: {**common, **c} for i, c in saes.items()}}
-    argv = [sys.executable, "-m", "saev_core.train", "--group-json", json.dumps(group)]
+    spec_fpath = out_dpath.with_name(out_dpath.name + "-spec.json")
+    spec_fpath.write_text(json.dumps(group))
+    argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
     argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
-    argv += ["--work-dpath", str(out_dpath.with_name(out_dpath.name + "-work")), "--device", device]
+    argv += ["--work-dpath", str(out_dpath.with_name(out_dpath.name + "-work"))]
+    argv += ["--checkpoint-every", "0", "--device", device]
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)
     return time.perf_counter() - t0

@@ -1,9 +1,10 @@
 """Record ViT activations for a dataset into a shard directory (SPEC §5).
 
-Two commands, one per workflow rule:
+Two commands, one per workflow rule, each reading the shard directory's spec file
+(`results/specs/shards/<HASH>.json`: `{"metadata": {...}, "dataset": {...}}`, written by the plan):
 
-    python -m saev_core.dump part --part 0 --n-parts 4 --metadata-json '{...}' ...
-    python -m saev_core.dump publish --metadata-json '{...}' ...
+    python -m saev_core.dump part --spec-fpath SPEC --shards-dpath results/shards --part 0 --n-parts 4
+    python -m saev_core.dump publish --spec-fpath SPEC --shards-dpath results/shards
 
 `part` writes its disjoint range of whole shards into `<shards-dpath>/<metadata hash>/`, resuming
 after a kill from the first incomplete shard; `publish` runs once every part is done, writes
@@ -276,18 +277,20 @@ def main(argv: list[str] | None = None):
     part_parser = commands.add_parser("part", help="write one part's shards")
     publish_parser = commands.add_parser("publish", help="write labels.bin and shards.json")
     for sub in (part_parser, publish_parser):
-        sub.add_argument("--metadata-json", required=True, help="shard metadata as JSON")
-        sub.add_argument("--dataset-json", required=True, help="dataset config (with root)")
+        sub.add_argument(
+            "--spec-fpath", type=pathlib.Path, required=True, help="JSON: metadata and dataset"
+        )
         sub.add_argument("--shards-dpath", type=pathlib.Path, required=True)
-        sub.add_argument("--n-workers", type=int, default=0, help="DataLoader worker processes")
-    part_parser.add_argument("--part", type=int, default=0)
-    part_parser.add_argument("--n-parts", type=int, default=1)
-    part_parser.add_argument("--batch-size", type=int, default=64)
-    part_parser.add_argument("--device", default="auto")
+        sub.add_argument("--n-workers", type=int, required=True, help="DataLoader processes")
+    part_parser.add_argument("--part", type=int, required=True)
+    part_parser.add_argument("--n-parts", type=int, required=True)
+    part_parser.add_argument("--batch-size", type=int, required=True)
+    part_parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     helpers.setup_logging()
-    metadata = shards.Metadata.from_dict(json.loads(args.metadata_json))
-    dataset_cfg = json.loads(args.dataset_json)
+    spec = json.loads(args.spec_fpath.read_text())
+    metadata = shards.Metadata.from_dict(spec["metadata"])
+    dataset_cfg = spec["dataset"]
     if args.command == "part":
         out_dpath = dump_part(
             metadata,

@@ -1,29 +1,42 @@
 """Turn `config/experiments.yaml` into the jobs the workflow runs; no torch, cheap to import.
 
-Used by `workflow/rules/common.smk` while Snakemake plans: shard directories are named by their
-metadata hash, sweeps expand into SAEs with ids hashed from their full configuration, and SAEs
-that share a training data stream form one sweep group (one job, one pass over the data).
+Used by `workflow/rules/common.smk` while Snakemake plans: the config is checked against the
+schema and then built into the typed configs of `saev_core.config` for every dump, SAE and job, so
+a bad value fails `snakemake -n` naming its config path. Shard directories are named by their
+metadata hash, sweeps expand into SAEs with ids hashed from their full configuration, and SAEs that
+share a training data stream form one sweep group (one job, one pass over the data).
+
+Each job reads its settings from a small JSON spec file the plan writes under `results/specs/`
+(rewritten only when its content changes, so an unchanged spec never reruns a job), and each rule
+carries a fingerprint of the `saev_core` code its step runs (`code_fingerprint`), so editing a
+module reruns exactly the steps that import it.
 """
 
+import ast
 import collections
 import dataclasses
 import hashlib
 import itertools
 import json
+import logging
+import os
 import pathlib
 
-from . import datasets, shards
+from . import config, datasets, shards
 
+logger = logging.getLogger("plan")
 RESULTS_DPATH = "results"
-SCHEMA_FPATH = (
-    pathlib.Path(__file__).parent.parent / "workflow" / "schemas" / "experiments.schema.yaml"
-)
+SPECS_DPATH = f"{RESULTS_DPATH}/specs"
+PACKAGE_DPATH = pathlib.Path(__file__).parent
+SCHEMA_FPATH = PACKAGE_DPATH.parent / "workflow" / "schemas" / "experiments.schema.yaml"
 # What decides the stream of training batches: SAEs that agree on these share one job.
 STREAM_KEYS = ("shards", "layer", "tokens", "batch_size", "n_train", "seed", "normalize")
+# Files besides Python sources that a module's behaviour depends on.
+PACKAGE_DATA = {"browser": ("browser.html",)}
 
 
 class PlanError(ValueError):
-    """The configuration is valid JSON-Schema-wise but does not make sense as a whole."""
+    """The configuration does not make sense; the message starts with the config path."""
 
 
 def short_hash(obj) -> str:
@@ -46,16 +59,30 @@ def expand_grid(value) -> list:
     return [value]
 
 
+def typed(cls, values: dict, where: str, **extra):
+    """`cls` built from a config entry; a bad value becomes a PlanError naming `where.field`."""
+    try:
+        return config.build(cls, {**values, **extra})
+    except config.ConfigError as err:
+        raise PlanError(f"{where}.{err.field}: {err.message}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardJob:
     """One shard directory to dump."""
 
     metadata: shards.Metadata
     dataset: str
-    batch_size: int
-    n_workers: int
-    n_parts: int
-    """Jobs that each write a disjoint range of whole shards; not part of the hash."""
+    """Name of the dataset entry."""
+    dataset_cfg: dict
+    """The dataset's config with `root` resolved."""
+    activations: config.ActivationsConfig
+    """Execution settings (batch size, workers, parts) of the first entry naming this dump."""
+
+    @property
+    def spec(self) -> dict:
+        """What the dump, publish, evaluation and render steps read: metadata and dataset."""
+        return {"metadata": self.metadata.to_dict(), "dataset": self.dataset_cfg}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,27 +97,41 @@ class Group:
 @dataclasses.dataclass(frozen=True)
 class Sweep:
     name: str
+    cfg: config.SweepConfig
     train_shards: str
     eval_shards: str
     dataset: str
+    """Name of the training dataset (what render draws)."""
+    model: str
+    """The ViT the SAEs read, as family:checkpoint."""
     saes: dict[str, dict]
-    """SAE id -> full configuration."""
+    """SAE id -> full flat configuration (what the id hashes and `sae.pt` stores)."""
+    specs: dict[str, config.SaeSpec]
+    """SAE id -> its typed SAE and training configs."""
     groups: dict[str, Group]
     sae_group: dict[str, str]
     """SAE id -> group id."""
-    top_k: int
-    percentile: float
-    render: dict
-    checkpoint_every: int
-    """Training steps between checkpoints (execution only: not in any id)."""
-    wandb_project: str | None
-    """Weights & Biases project for the training logs; None: off (execution only)."""
     labels: dict[str, str]
     """SAE id -> short readable label, unique within the sweep (e.g. `L-1 topk k=16 x8`)."""
+
+    def group_spec(self, group_id: str) -> dict:
+        group = self.groups[group_id]
+        return {
+            "stream": group.stream,
+            "model": self.model,
+            "saes": {sae_id: self.saes[sae_id] for sae_id in group.sae_ids},
+        }
+
+    def render_spec(self, sae_id: str) -> dict:
+        return {"label": self.labels[sae_id], "render": self.cfg.render.to_dict()}
+
+    def summary_spec(self) -> dict:
+        return {"model": self.model, "sae_group": dict(sorted(self.sae_group.items()))}
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    workflow: config.WorkflowConfig
     datasets: dict[str, dict]
     """Dataset name -> config with `root` resolved (generated sets live under results/)."""
     activations: dict[str, str]
@@ -98,9 +139,32 @@ class Plan:
     shard_jobs: dict[str, ShardJob]
     sweeps: dict[str, Sweep]
 
-    @property
-    def generated_datasets(self) -> list[str]:
-        return [name for name, cfg in self.datasets.items() if cfg["kind"] == "synthetic"]
+    def specs(self) -> dict[str, dict]:
+        """Every job's spec file path -> its content."""
+        out = {shards_spec_fpath(h): job.spec for h, job in self.shard_jobs.items()}
+        for name, sweep in self.sweeps.items():
+            for group_id in sweep.groups:
+                out[group_spec_fpath(name, group_id)] = sweep.group_spec(group_id)
+            for sae_id in sweep.saes:
+                out[render_spec_fpath(name, sae_id)] = sweep.render_spec(sae_id)
+            out[summary_spec_fpath(name)] = sweep.summary_spec()
+        return out
+
+
+def shards_spec_fpath(shards_hash: str) -> str:
+    return f"{SPECS_DPATH}/shards/{shards_hash}.json"
+
+
+def group_spec_fpath(sweep: str, group: str) -> str:
+    return f"{SPECS_DPATH}/{sweep}/groups/{group}.json"
+
+
+def render_spec_fpath(sweep: str, sae: str) -> str:
+    return f"{SPECS_DPATH}/{sweep}/render/{sae}.json"
+
+
+def summary_spec_fpath(sweep: str) -> str:
+    return f"{SPECS_DPATH}/{sweep}/summary.json"
 
 
 def resolve_dataset(name: str, cfg: dict) -> dict:
@@ -115,28 +179,32 @@ def resolve_dataset(name: str, cfg: dict) -> dict:
     return dict(cfg)
 
 
-def shard_metadata(spec_name: str, spec: dict, config: dict, dataset_cfgs: dict) -> shards.Metadata:
-    model = lookup(config["models"], spec["model"], f"activations.{spec_name}.model")
-    dataset_cfg = lookup(dataset_cfgs, spec["dataset"], f"activations.{spec_name}.dataset")
+def shard_metadata(
+    spec_name: str, spec: config.ActivationsConfig, models: dict, dataset_cfgs: dict
+) -> shards.Metadata:
+    where = f"activations.{spec_name}"
+    model_cfg = lookup(models, spec.model, f"{where}.model")
+    model = typed(config.ModelConfig, model_cfg, f"models.{spec.model}")
+    dataset_cfg = lookup(dataset_cfgs, spec.dataset, f"{where}.dataset")
     data = {k: v for k, v in dataset_cfg.items() if k not in ("kind", "root")}
     if dataset_cfg["kind"] != "synthetic":
         data["root"] = dataset_cfg["root"]
     has_masks = dataset_cfg["kind"] in datasets.KINDS_WITH_MASKS
     try:
         return shards.Metadata(
-            vit_family=model["family"],
-            vit_ckpt=model["ckpt"],
-            layers=tuple(spec["layers"]),
-            n_patches_per_img=model["n_patches_per_img"],
-            cls_token=model["cls_token"],
-            d_vit=model["d_vit"],
+            vit_family=model.family,
+            vit_ckpt=model.ckpt,
+            layers=spec.layers,
+            n_patches_per_img=model.n_patches_per_img,
+            cls_token=model.cls_token,
+            d_vit=model.d_vit,
             n_imgs=datasets.count_images(dataset_cfg),
-            max_patches_per_shard=spec["max_patches_per_shard"],
+            max_patches_per_shard=spec.max_patches_per_shard,
             data={**data, "__class__": dataset_cfg["kind"]},
             protocol=shards.PROTOCOL_WITH_LABELS if has_masks else shards.PROTOCOL,
         )
     except (ValueError, datasets.DatasetError) as err:
-        raise PlanError(f"activations.{spec_name}: {err}") from err
+        raise PlanError(f"{where}: {err}") from err
 
 
 def lookup(table: dict, name: str, where: str):
@@ -145,36 +213,74 @@ def lookup(table: dict, name: str, where: str):
     return table[name]
 
 
+def n_vectors(md: shards.Metadata, tokens: str) -> int:
+    """Token vectors of one layer a token kind selects in a shard directory."""
+    per_img = {"patches": md.n_patches_per_img, "cls": int(md.cls_token), "all": md.n_tokens}
+    return md.n_imgs * per_img[tokens]
+
+
+def sweep_points(name: str, cfg: dict):
+    """(flat SAE configuration, where its train and sae keys came from) for every grid point."""
+    for t, train_alt in enumerate(cfg["train"]):
+        for s, sae_alt in enumerate(cfg["saes"]):
+            for train_point in expand_grid(train_alt):
+                for sae_point in expand_grid(sae_alt):
+                    where = {k: f"sweeps.{name}.train[{t}]" for k in train_point}
+                    where |= {k: f"sweeps.{name}.saes[{s}]" for k in sae_point}
+                    yield {**train_point, **sae_point}, where
+
+
 def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Sweep:
-    train_shards = lookup(activations, cfg["train_activations"], f"sweeps.{name}.train_activations")
-    eval_name = cfg.get("eval_activations", cfg["train_activations"])  # optional, no default
+    grids = {k: cfg[k] for k in ("train", "saes")}
+    settings = {k: v for k, v in cfg.items() if k not in grids}
+    render = typed(config.RenderConfig, settings.get("render", {}), f"sweeps.{name}.render")
+    sweep_cfg = typed(config.SweepConfig, {**settings, "render": render}, f"sweeps.{name}")
+    train_shards = lookup(
+        activations, sweep_cfg.train_activations, f"sweeps.{name}.train_activations"
+    )
+    eval_name = sweep_cfg.eval_activations or sweep_cfg.train_activations
     eval_shards = lookup(activations, eval_name, f"sweeps.{name}.eval_activations")
     train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
     if (train_md.vit_family, train_md.vit_ckpt) != (eval_md.vit_family, eval_md.vit_ckpt):
-        raise PlanError(f"sweeps.{name}: train and eval activations come from different models")
+        raise PlanError(
+            f"sweeps.{name}.eval_activations: train and eval activations come from different models"
+        )
+    if train_md.d_vit != eval_md.d_vit:
+        raise PlanError(
+            f"sweeps.{name}.eval_activations: {eval_name!r} has d_vit {eval_md.d_vit}, the "
+            f"training activations {train_md.d_vit}"
+        )
 
-    for key in ("log10_freq_range", "log10_value_range"):
-        lo, hi = cfg["render"][key]
-        if lo > hi:
-            raise PlanError(f"sweeps.{name}.render.{key}: min {lo} is above max {hi}")
-
-    saes = {}
-    for point in expand_grid({"train": cfg["train"], "sae": cfg["saes"]}):
-        sae_cfg = {**point["train"], **point["sae"], "shards": train_shards}
+    saes, specs = {}, {}
+    for point, where in sweep_points(name, cfg):
+        sae_cfg = {**point, "shards": train_shards}
+        try:
+            spec = config.sae_spec(train_md.d_vit, point)
+        except config.ConfigError as err:
+            raise PlanError(
+                f"{where.get(err.field, f'sweeps.{name}')}.{err.field}: {err.message}"
+            ) from None
         for md, which in ((train_md, "train"), (eval_md, "eval")):
-            if sae_cfg["layer"] not in md.layers:
+            if spec.train.layer not in md.layers:
                 raise PlanError(
-                    f"sweeps.{name}.train.layer: layer {sae_cfg['layer']} is not recorded by the "
+                    f"{where['layer']}.layer: layer {spec.train.layer} is not recorded by the "
                     f"{which} activations (layers {list(md.layers)})"
                 )
-        saes[short_hash(sae_cfg)] = sae_cfg
+        available = n_vectors(train_md, spec.train.tokens)
+        if spec.train.batch_size > available:
+            raise PlanError(
+                f"{where['batch_size']}.batch_size: {spec.train.batch_size} exceeds the "
+                f"{available} {spec.train.tokens} vectors of the training activations"
+            )
+        sae_id = short_hash(sae_cfg)
+        saes[sae_id], specs[sae_id] = sae_cfg, spec
 
     by_stream: dict[str, list[str]] = {}
     for sae_id in sorted(saes):
         stream = {k: saes[sae_id][k] for k in STREAM_KEYS}
         by_stream.setdefault(json.dumps(stream, sort_keys=True), []).append(sae_id)
     groups, sae_group = {}, {}
-    cap = cfg["max_saes_per_group"]
+    cap = sweep_cfg.max_saes_per_group
     for stream_json, sae_ids in by_stream.items():
         stream = json.loads(stream_json)
         for lo in range(0, len(sae_ids), cap):
@@ -184,17 +290,15 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
             sae_group.update(dict.fromkeys(members, group_id))
     return Sweep(
         name=name,
+        cfg=sweep_cfg,
         train_shards=train_shards,
         eval_shards=eval_shards,
         dataset=shard_jobs[train_shards].dataset,
+        model=f"{train_md.vit_family}:{train_md.vit_ckpt}",
         saes=saes,
+        specs=specs,
         groups=groups,
         sae_group=sae_group,
-        top_k=cfg["top_k"],
-        percentile=cfg["percentile"],
-        render=cfg["render"],
-        checkpoint_every=cfg["checkpoint_every"],
-        wandb_project=cfg.get("wandb_project"),  # optional, no default
         labels=sae_labels(saes),
     )
 
@@ -252,27 +356,48 @@ def load_config(fpath: pathlib.Path) -> dict:
     """Read an experiments YAML and validate it, filling the schema's defaults, as Snakemake does."""
     import yaml
 
-    config = yaml.safe_load(pathlib.Path(fpath).read_text())
-    validate_config(config)
-    return config
+    config_dct = yaml.safe_load(pathlib.Path(fpath).read_text())
+    try:
+        validate_config(config_dct)
+    except PlanError as err:
+        raise PlanError(f"{fpath}: {err}") from None
+    return config_dct
 
 
-def validate_config(config: dict):
-    """Check `config` against the schema, filling its defaults in place."""
+def validate_config(config_dct: dict):
+    """Check `config_dct` against the schema, filling its defaults in place; the first error
+    names the config path (`sweeps.s.train[0].exp_factor: 0 is less than the minimum of 1`)."""
+    import jsonschema
+    import yaml
     from snakemake.utils import validate
 
-    validate(config, str(SCHEMA_FPATH))
+    schema = yaml.safe_load(SCHEMA_FPATH.read_text())
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(config_dct)
+    )
+    if error is not None:
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        raise PlanError(f"{path.lstrip('.') or 'config'}: {error.message}")
+    validate(config_dct, str(SCHEMA_FPATH))
 
 
-def make_plan(config: dict) -> Plan:
-    """Everything the workflow needs to know about jobs, from a config `load_config` validated."""
-    dataset_cfgs = {name: resolve_dataset(name, cfg) for name, cfg in config["datasets"].items()}
+def make_plan(config_dct: dict) -> Plan:
+    """Everything the workflow needs to know about jobs, from a config `validate_config` checked."""
+    top = {k: config_dct[k] for k in ("shards_dpath", "device") if k in config_dct}
+    workflow = typed(config.WorkflowConfig, top, "config")
+    dataset_cfgs = {
+        name: resolve_dataset(name, cfg) for name, cfg in config_dct["datasets"].items()
+    }
     activations, shard_jobs = {}, {}
-    for spec_name, spec in config["activations"].items():
-        metadata = shard_metadata(spec_name, spec, config, dataset_cfgs)
-        if spec["n_parts"] > metadata.n_shards:
+    for spec_name, spec_cfg in config_dct["activations"].items():
+        where = f"activations.{spec_name}"
+        spec = typed(
+            config.ActivationsConfig, {**spec_cfg, "layers": tuple(spec_cfg["layers"])}, where
+        )
+        metadata = shard_metadata(spec_name, spec, config_dct["models"], dataset_cfgs)
+        if spec.n_parts > metadata.n_shards:
             raise PlanError(
-                f"activations.{spec_name}.n_parts: {spec['n_parts']} parts cannot split "
+                f"{where}.n_parts: {spec.n_parts} parts cannot split "
                 f"{metadata.n_shards} shard(s); use at most {metadata.n_shards}"
             )
         activations[spec_name] = metadata.hash
@@ -280,16 +405,146 @@ def make_plan(config: dict) -> Plan:
             metadata.hash,
             ShardJob(
                 metadata=metadata,
-                dataset=spec["dataset"],
-                batch_size=spec["batch_size"],
-                n_workers=spec["n_workers"],
-                n_parts=spec["n_parts"],
+                dataset=spec.dataset,
+                dataset_cfg=dataset_cfgs[spec.dataset],
+                activations=spec,
             ),
         )
     sweeps = {
         name: plan_sweep(name, cfg, activations, shard_jobs)
-        for name, cfg in config["sweeps"].items()
+        for name, cfg in config_dct["sweeps"].items()
     }
     return Plan(
-        datasets=dataset_cfgs, activations=activations, shard_jobs=shard_jobs, sweeps=sweeps
+        workflow=workflow,
+        datasets=dataset_cfgs,
+        activations=activations,
+        shard_jobs=shard_jobs,
+        sweeps=sweeps,
     )
+
+
+def write_specs(plan: Plan, root: pathlib.Path = pathlib.Path(".")):
+    """Write every job's spec file whose content changed (atomically); leave the rest untouched,
+    so their modification times say when the settings of that job last changed."""
+    n_written = 0
+    for rel_fpath, spec in plan.specs().items():
+        fpath = pathlib.Path(root) / rel_fpath
+        text = json.dumps(spec, indent=1, sort_keys=True) + "\n"
+        try:
+            if fpath.read_text() == text:
+                continue
+        except FileNotFoundError:
+            fpath.parent.mkdir(parents=True, exist_ok=True)
+        shards.write_atomic(fpath, text.encode(), sync=False)
+        n_written += 1
+    if n_written:
+        logger.info("wrote %d job spec file(s) under %s", n_written, SPECS_DPATH)
+
+
+def spec_hash(spec: dict) -> str:
+    """Short hash of a spec's content: rules take it as a param, so a changed spec reruns its
+    job while a rewritten but equal one (after a purge of results/specs) does not."""
+    return short_hash(spec)
+
+
+def read_spec(fpath: pathlib.Path) -> dict:
+    """A spec file written by `write_specs` (steps call this)."""
+    return json.loads(pathlib.Path(fpath).read_text())
+
+
+def imported_modules(name: str) -> set[str]:
+    """The `saev_core` modules that module `name` imports (relative or absolute), directly."""
+    tree = ast.parse((PACKAGE_DPATH / f"{name}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("saev_core."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(
+                a.name.split(".")[1] for a in node.names if a.name.startswith("saev_core.")
+            )
+    return {m for m in found if (PACKAGE_DPATH / f"{m}.py").exists()}
+
+
+def code_text(name: str) -> str:
+    """A module's code without comments, docstrings or formatting, plus the data files it
+    reads: what decides its behaviour."""
+    tree = ast.parse((PACKAGE_DPATH / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    data = [(PACKAGE_DPATH / fname).read_text() for fname in PACKAGE_DATA.get(name, ())]
+    return "\n".join([ast.dump(tree), *data])
+
+
+def code_fingerprint(step: str) -> str:
+    """Hash of the code step `step` (a `saev_core` module run with `python -m`) runs: its module
+    and every package module it imports, transitively. Passed to rules as a param, so editing a
+    module reruns exactly the jobs of the steps that import it; comments and docstrings don't."""
+    seen, todo = set(), [step]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(imported_modules(name) - seen)
+    digest = hashlib.sha256()
+    for name in sorted(seen):
+        digest.update(f"{name}\n{code_text(name)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def heal_shard_directories(plan: Plan):
+    """Make Snakemake see shard files lost since their dump (a scratch purge, a bad copy).
+
+    A dump part's marker (inside the shard directory) claims its shards are complete; when one
+    of them is missing or has the wrong size, the claim is false: remove the marker and the
+    directory's `shards.json`, so the plan re-dumps that part and republishes. One stat per shard.
+    """
+    shards_dpath = pathlib.Path(plan.workflow.shards_dpath)
+    for shards_hash, job in plan.shard_jobs.items():
+        dpath = shards_dpath / shards_hash
+        if not dpath.is_dir():
+            continue
+        md, n_parts = job.metadata, job.activations.n_parts
+        for part in range(n_parts):
+            marker_fpath = dpath / part_marker_fname(part, n_parts)
+            if not marker_fpath.exists():
+                continue
+            lost = [
+                shards.shard_fname(i)
+                for i in shards.part_shards(md.n_shards, n_parts, part)
+                if not is_complete(dpath / shards.shard_fname(i), md.shard_nbytes)
+            ]
+            if lost:
+                logger.warning(
+                    "%s: %s missing or incomplete; dump part %d of %d will be redone",
+                    dpath,
+                    ", ".join(lost),
+                    part,
+                    n_parts,
+                )
+                marker_fpath.unlink()
+                (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)
+        labels_fpath = dpath / shards.LABELS_FNAME
+        if md.protocol == shards.PROTOCOL_WITH_LABELS and not is_complete(
+            labels_fpath, md.labels_nbytes
+        ):
+            (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)  # publish writes it again
+
+
+def part_marker_fname(part: int, n_parts: int) -> str:
+    return f".dump-part{part}-of-{n_parts}.done"
+
+
+def is_complete(fpath: pathlib.Path, nbytes: int) -> bool:
+    try:
+        return os.stat(fpath).st_size == nbytes
+    except FileNotFoundError:
+        return False

@@ -1,11 +1,12 @@
 """Render an SAE's top images per latent as heatmap overlays and a static feature browser.
 
 Run as `python -m saev_core.render --sae-fpath .../sae.pt --topk-fpath .../topk.npz
---shards-dpath results/shards/<HASH> --dataset-json '{...}' --render-json '{...}'
---out-dpath .../features --browser-fpath .../browser.html --grid-fpath .../grid.jpg`, where the
-render JSON holds the sweep's `render` settings (n_latents, n_images, seed, log10_freq_range,
-log10_value_range, include_latents); `--concepts-fpath` (the evaluation's
-`concept_candidates.csv`) and `--label` (the SAE's readable name) are optional.
+--shards-dpath results/shards/<HASH> --shards-spec-fpath results/specs/shards/<HASH>.json
+--spec-fpath results/specs/<sweep>/render/<sae>.json --out-dpath .../features
+--browser-fpath .../browser.html --grid-fpath .../grid.jpg --device auto`, where the render spec
+is `{"label": "L-1 topk k=16 x8", "render": {...}}` (the sweep's `render` settings, see
+`config.RenderConfig`) and the shards spec names the dataset; `--concepts-fpath` (the
+evaluation's `concept_candidates.csv`) is optional.
 
 Writes `images/<index>.jpg` (each top image once, cropped as the model saw it), for each selected
 latent `latents/<latent>/<rank>.jpg` (the image with its patch heatmap, for people browsing the
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from . import browser, datasets, helpers, sae, shards, topk  # noqa: E402
+from . import browser, config, datasets, helpers, sae, shards, topk  # noqa: E402
 
 logger = logging.getLogger("render")
 THUMB_PX = 160
@@ -285,22 +286,26 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--sae-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--topk-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
-    parser.add_argument("--dataset-json", required=True, help="dataset config (with root) as JSON")
-    parser.add_argument("--render-json", required=True, help="the sweep's render settings as JSON")
+    parser.add_argument(
+        "--shards-spec-fpath", type=pathlib.Path, required=True, help="the shards' spec (JSON)"
+    )
+    parser.add_argument(
+        "--spec-fpath", type=pathlib.Path, required=True, help="JSON: label and render settings"
+    )
     parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--browser-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--grid-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--concepts-fpath", type=pathlib.Path, help="concept_candidates.csv")
-    parser.add_argument("--label", default="", help="the SAE's readable name")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     helpers.setup_logging()
     model, train_cfg = sae.load_trained(args.sae_fpath, helpers.pick_device(args.device))
     result = topk.load(args.topk_fpath)
     reader = shards.ShardReader(args.shards_dpath)
-    dataset = datasets.load(json.loads(args.dataset_json))
-    render_cfg = json.loads(args.render_json)
-    n_images = render_cfg.pop("n_images", None)
+    dataset = datasets.load(json.loads(args.shards_spec_fpath.read_text())["dataset"])
+    spec = json.loads(args.spec_fpath.read_text())
+    render_cfg = config.build(config.RenderConfig, spec["render"]).to_dict()
+    n_images = render_cfg.pop("n_images")
     concepts = browser.read_concepts(args.concepts_fpath) if args.concepts_fpath else {}
     best_for_a_class = [f for f, found in concepts.items() if any(c["rank"] == 1 for c in found)]
     selection = select_latents(result, **render_cfg, concept_latents=best_for_a_class)
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None):
     )
     plot_value_distributions(result, selection.latents, args.out_dpath / "values.png")
     md = reader.metadata
-    sae_name = args.label or f"SAE {args.sae_fpath.parent.name}"
+    sae_name = spec["label"]
     title = (
         f"{sae_name} ({args.sae_fpath.parent.name}): {md.vit_family} {md.vit_ckpt}, layer {layer}"
     )

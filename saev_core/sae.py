@@ -20,62 +20,14 @@ import typing
 
 import torch
 
+from . import checkpoints
+from .config import SaeConfig
+
 SCHEMA = 1
-ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
-# Matryoshka: reconstruct from these fractions of the latents too (nested dictionaries).
-MATRYOSHKA_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 JUMPRELU_INIT_THRESHOLD = 1e-3
 JUMPRELU_BANDWIDTH = 1e-3
 """Width of the straight-through estimator's window around the JumpReLU threshold."""
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.9
-
-
-@dataclasses.dataclass(frozen=True)
-class SaeConfig:
-    """Shape, activation and objective of one SAE."""
-
-    d_vit: int
-    """Input width."""
-    exp_factor: int = 8
-    """d_sae = d_vit * exp_factor."""
-    activation: str = "relu"
-    """`relu` (L1 penalty), `topk` (k largest per example), `batchtopk` (k x batch largest over
-    the batch; a learned threshold at inference) or `jumprelu` (per-latent threshold, L0 penalty)."""
-    sparsity_coeff: float = 0.0
-    """Weight of the L1 (relu) or L0 (jumprelu) penalty."""
-    k: int = 0
-    """Latents kept per example (topk, batchtopk)."""
-    matryoshka: bool = False
-    """Also reconstruct from nested prefixes of the latents (MATRYOSHKA_FRACTIONS)."""
-    aux_k: int = 0
-    """AuxK (topk, batchtopk): dead latents used to model the residual; 0 turns it off."""
-    aux_coeff: float = 1 / 32
-    """Weight of the AuxK loss."""
-    dead_tokens: int = 1_000_000
-    """A latent that has not fired for this many training tokens counts as dead."""
-    normalize: bool = False
-    """Subtract the data mean and scale to mean squared norm d_vit; constants are stored."""
-    seed: int = 0
-    """Seed of the weight initialisation."""
-
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"{self.activation} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
-        if self.aux_k and self.activation not in ("topk", "batchtopk"):
-            raise ValueError(f"aux_k applies to topk and batchtopk, not {self.activation}")
-
-    @property
-    def d_sae(self) -> int:
-        return self.d_vit * self.exp_factor
-
-    @property
-    def prefixes(self) -> list[int]:
-        """Latent counts whose reconstructions are trained (only d_sae without matryoshka)."""
-        if not self.matryoshka:
-            return [self.d_sae]
-        return sorted({max(1, int(self.d_sae * frac)) for frac in MATRYOSHKA_FRACTIONS})
 
 
 class Loss(typing.NamedTuple):
@@ -428,12 +380,6 @@ def save(fpath: pathlib.Path, model: SparseAutoencoder, **extra):
     tmp_fpath.replace(fpath)
 
 
-def read_header(fpath: pathlib.Path) -> dict:
-    """The JSON header line of a checkpoint, without loading the weights."""
-    with open(fpath, "rb") as fd:
-        return json.loads(fd.readline().decode())
-
-
 def load(fpath: pathlib.Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """Load a checkpoint in the saev layout (ours, or saev's schema-1 ReLU SAEs)."""
     with open(fpath, "rb") as fd:
@@ -459,7 +405,7 @@ def load_trained(
     fpath: pathlib.Path, device: str | torch.device = "cpu"
 ) -> tuple[SparseAutoencoder, dict]:
     """An SAE trained by this workflow and its training configuration (layer, tokens, ...)."""
-    header = read_header(fpath)
+    header = checkpoints.read_header(fpath)
     if "train" not in header:
         raise ValueError(
             f"{fpath} has no 'train' section in its header: not trained by this workflow"

@@ -150,13 +150,15 @@ def tmp_sibling(fpath: pathlib.Path) -> pathlib.Path:
     return fpath.with_name(f".{fpath.name}.{os.getpid()}.tmp")
 
 
-def write_atomic(fpath: pathlib.Path, data: bytes):
-    """Write to a temporary sibling, flush to disk, then rename: readers never see half a file."""
+def write_atomic(fpath: pathlib.Path, data: bytes, sync: bool = True):
+    """Write to a temporary sibling, flush to disk (unless `sync` is off, for small files that
+    are cheap to redo), then rename: readers never see half a file."""
     tmp_fpath = tmp_sibling(fpath)
     with open(tmp_fpath, "wb") as fd:
         fd.write(data)
-        fd.flush()
-        os.fsync(fd.fileno())
+        if sync:
+            fd.flush()
+            os.fsync(fd.fileno())
     os.replace(tmp_fpath, fpath)
 
 
@@ -230,9 +232,16 @@ class ShardWriter:
     def publish(self):
         """Mark the directory complete, after checking every shard; remove temporary leftovers
         of killed writers (all writers have finished when this runs)."""
-        for shard_i in range(self.metadata.n_shards):
-            if not self.is_complete(shard_i):
-                raise ShardError(f"cannot publish: {self.dpath / shard_fname(shard_i)} incomplete")
+        missing = self.incomplete_shards(range(self.metadata.n_shards))
+        if missing:
+            names = ", ".join(shard_fname(i) for i in missing)
+            raise ShardError(
+                f"cannot publish {self.dpath}: {names} missing or incomplete ({len(missing)} of "
+                f"{self.metadata.n_shards} shards). Run `snakemake` again: planning finds lost "
+                "shards and redoes the dump parts that wrote them; by hand, "
+                "`python -m saev_core.dump part --spec-fpath results/specs/shards/"
+                f"{self.dpath.name}.json ...` for the parts that hold them"
+            )
         if self.metadata.protocol == PROTOCOL_WITH_LABELS and not self.has_labels():
             raise ShardError(f"cannot publish: {self.dpath / LABELS_FNAME} is missing")
         for stale_fpath in self.dpath.glob(".*.tmp"):

@@ -1,7 +1,10 @@
 """Gather a sweep's metrics into one table and plot L0 against normalised MSE.
 
-Run as `python -m saev_core.summarize --sweep-json '{...}' --metrics-fpaths a.json b.json ...
---out-csv-fpath summary.csv --out-parquet-fpath summary.parquet --out-plot-fpath pareto.png`.
+Run as `python -m saev_core.summarize --spec-fpath results/specs/<sweep>/summary.json
+--sweep-dpath results/<sweep> --out-csv-fpath summary.csv --out-parquet-fpath summary.parquet
+--out-plot-fpath pareto.png`. The spec (written by the plan) lists the sweep's SAEs by group and
+names the model; each SAE's configuration comes from its `sae.pt` header and its metrics from
+`saes/<id>/metrics.json`, so nothing on the command line grows with the sweep.
 """
 
 import argparse
@@ -13,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
+
+from . import checkpoints, plan  # noqa: E402
 
 MAX_ANNOTATED = 40
 """Above this many SAEs per (model, layer), only the Pareto frontier's points are labelled."""
@@ -76,21 +81,30 @@ def plot(df: pl.DataFrame, out_fpath: pathlib.Path):
     plt.close(fig)
 
 
+def read_sweep(spec: dict, sweep_dpath: pathlib.Path) -> pl.DataFrame:
+    """The sweep table from the files its jobs wrote: `sae.pt` headers and `metrics.json`."""
+    saes, metrics = {}, {}
+    for sae_id, group in spec["sae_group"].items():
+        header = checkpoints.read_header(sweep_dpath / "groups" / group / sae_id / "sae.pt")
+        saes[sae_id] = header["train"]
+        metrics[sae_id] = json.loads((sweep_dpath / "saes" / sae_id / "metrics.json").read_text())
+    return table(saes, metrics, spec["sae_group"], spec["model"], plan.sae_labels(saes))
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--sweep-json",
+        "--spec-fpath",
+        type=pathlib.Path,
         required=True,
-        help='{"saes": {id: cfg}, "sae_group": {id: group}, "model": "family:ckpt", "labels": {id: label}}',
+        help='JSON: {"model": "family:ckpt", "sae_group": {sae id: group id}}',
     )
-    parser.add_argument("--metrics-fpaths", type=pathlib.Path, nargs="+", required=True)
+    parser.add_argument("--sweep-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--out-csv-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--out-parquet-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--out-plot-fpath", type=pathlib.Path, required=True)
     args = parser.parse_args(argv)
-    sweep = json.loads(args.sweep_json)
-    metrics = {fpath.parent.name: json.loads(fpath.read_text()) for fpath in args.metrics_fpaths}
-    df = table(sweep["saes"], metrics, sweep["sae_group"], sweep["model"], sweep["labels"])
+    df = read_sweep(json.loads(args.spec_fpath.read_text()), args.sweep_dpath)
     df.write_csv(args.out_csv_fpath)
     df.write_parquet(args.out_parquet_fpath)
     plot(df, args.out_plot_fpath)

@@ -1,8 +1,10 @@
 """Train one sweep group: every SAE of the group is updated on the same batches.
 
-Run as `python -m saev_core.train --group-json '{...}' --shards-dpath results/shards/<HASH>
---out-dpath results/<sweep>/groups/<group> --work-dpath results/<sweep>/work/<group>`. Writes
-`<sae id>/sae.pt` and `<sae id>/train_log.csv` for each SAE, and `group.json`.
+Run as `python -m saev_core.train --spec-fpath results/specs/<sweep>/groups/<group>.json
+--shards-dpath results/shards/<HASH> --out-dpath results/<sweep>/groups/<group>
+--work-dpath results/<sweep>/work/<group> --checkpoint-every 1000 --device auto`, where the spec
+(written by the plan) is `{"stream": {...}, "model": "family:ckpt", "saes": {id: config}}`.
+Writes `<sae id>/sae.pt` and `<sae id>/train_log.csv` for each SAE, and `group.json`.
 
 While it runs, the job keeps its logs and a training checkpoint (weights, optimiser state, firing
 counters, loader position) in the work folder, outside the output Snakemake removes after a failure.
@@ -21,17 +23,11 @@ import time
 
 import torch
 
-from . import helpers, loaders, sae, shards, tracking
+from . import config, helpers, loaders, sae, shards, tracking
 
 logger = logging.getLogger("train")
 LOG_FIELDS = ("step", "loss", "mse", "l0", "l1", "aux", "lr", "sparsity_coeff", "dead_frac")
 CHECKPOINT_FNAME = "checkpoint.pt"
-# Keys of a sweep's SAE entry that configure the SAE itself (the rest configure training).
-SAE_KEYS = ("exp_factor", "activation", "sparsity_coeff", "k", "matryoshka", "aux_k", "normalize")
-
-
-def sae_config(d_vit: int, cfg: dict) -> sae.SaeConfig:
-    return sae.SaeConfig(d_vit=d_vit, seed=cfg["seed"], **{k: cfg[k] for k in SAE_KEYS if k in cfg})
 
 
 class StackedAdam:
@@ -78,29 +74,29 @@ class Stack:
     """The group's SAEs of one activation and width: a `StackedSaes`, its optimiser and per-SAE
     schedules."""
 
-    def __init__(self, cfgs: dict[str, dict], d_vit: int, n_steps: int, device: torch.device):
-        self.sae_ids = sorted(cfgs)
-        self.cfgs = [cfgs[sae_id] for sae_id in self.sae_ids]
+    def __init__(self, specs: dict[str, config.SaeSpec], n_steps: int, device: torch.device):
+        self.sae_ids = sorted(specs)
+        self.trains = [specs[sae_id].train for sae_id in self.sae_ids]
         self.n_steps = n_steps
-        self.model = sae.StackedSaes([sae_config(d_vit, c) for c in self.cfgs]).to(device)
+        self.model = sae.StackedSaes([specs[sae_id].sae for sae_id in self.sae_ids]).to(device)
         self.optimizer = StackedAdam(list(self.model.parameters()))
         self.device = device
 
     def lr(self, step: int) -> torch.Tensor:
         """Linear warm-up, then constant or cosine decay to zero at the last step."""
         lrs = []
-        for cfg in self.cfgs:
-            warmup = max(1, cfg["warmup_steps"])
+        for cfg in self.trains:
+            warmup = max(1, cfg.warmup_steps)
             factor = min(1.0, (step + 1) / warmup)
-            if cfg["lr_schedule"] == "cosine" and step >= warmup:
+            if cfg.lr_schedule == "cosine" and step >= warmup:
                 progress = (step - warmup) / max(1, self.n_steps - warmup)
                 factor = 0.5 * (1 + math.cos(math.pi * progress))
-            lrs.append(cfg["lr"] * factor)
+            lrs.append(cfg.lr * factor)
         return torch.tensor(lrs, device=self.device)
 
     def sparsity_scale(self, step: int) -> torch.Tensor:
         """Linear warm-up of the sparsity coefficient over `sparsity_warmup_steps`."""
-        scales = [min(1.0, (step + 1) / max(1, c["sparsity_warmup_steps"])) for c in self.cfgs]
+        scales = [min(1.0, (step + 1) / max(1, c.sparsity_warmup_steps)) for c in self.trains]
         return torch.tensor(scales, device=self.device)
 
     def step(self, x_BD: torch.Tensor, step: int) -> tuple[sae.Loss, torch.Tensor, torch.Tensor]:
@@ -124,12 +120,12 @@ class Stack:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def make_stacks(saes: dict[str, dict], d_vit: int, n_steps: int, device) -> dict[str, Stack]:
+def make_stacks(specs: dict[str, config.SaeSpec], n_steps: int, device) -> dict[str, Stack]:
     """One stack per (activation, width) in the group, keyed like `topk-x8`."""
-    by_kind: dict[str, dict[str, dict]] = {}
-    for sae_id, cfg in saes.items():
-        by_kind.setdefault(f"{cfg['activation']}-x{cfg['exp_factor']}", {})[sae_id] = cfg
-    return {name: Stack(cfgs, d_vit, n_steps, device) for name, cfgs in sorted(by_kind.items())}
+    by_kind: dict[str, dict[str, config.SaeSpec]] = {}
+    for sae_id, spec in specs.items():
+        by_kind.setdefault(f"{spec.sae.activation}-x{spec.sae.exp_factor}", {})[sae_id] = spec
+    return {name: Stack(group, n_steps, device) for name, group in sorted(by_kind.items())}
 
 
 def train_group(
@@ -161,8 +157,9 @@ def train_group(
         stream["n_train"],
         stream["seed"],
     )
-    saes = {sae_id: with_defaults(cfg) for sae_id, cfg in group["saes"].items()}
-    stacks = make_stacks(saes, reader.metadata.d_vit, len(batches), torch_device)
+    d_vit = reader.metadata.d_vit
+    saes = {sae_id: config.sae_spec(d_vit, flat) for sae_id, flat in group["saes"].items()}
+    stacks = make_stacks(saes, len(batches), torch_device)
     first_step = resume(work_dpath, group, stacks, batches)
     logs = open_logs(work_dpath, sorted(saes), first_step)
     wandb_run = tracking.WandbRun(wandb_project, out_dpath.name, group) if wandb_project else None
@@ -209,11 +206,6 @@ def train_group(
     (out_dpath / "group.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(work_dpath)
     return models
-
-
-def with_defaults(cfg: dict) -> dict:
-    """Training options a hand-written group spec may leave out (the schema fills them)."""
-    return {"lr_schedule": "constant", "sparsity_warmup_steps": 0, **cfg}
 
 
 def log_rows(stack: Stack, step: int, losses: sae.Loss, lr_M, coeff_M) -> dict[str, dict]:
@@ -295,18 +287,20 @@ def open_logs(work_dpath: pathlib.Path, sae_ids: list[str], first_step: int) -> 
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--group-json", required=True, help='{"stream": {...}, "saes": {id: cfg}}')
+    parser.add_argument(
+        "--spec-fpath", type=pathlib.Path, required=True, help="the group's spec (JSON)"
+    )
     parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--work-dpath", type=pathlib.Path, required=True)
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="steps; 0 = never")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--checkpoint-every", type=int, required=True, help="steps; 0 = never")
+    parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
     parser.add_argument("--wandb-project", help="also log to this Weights & Biases project")
     args = parser.parse_args(argv)
     helpers.setup_logging()
     helpers.keep_freed_memory()
     train_group(
-        json.loads(args.group_json),
+        json.loads(args.spec_fpath.read_text()),
         args.shards_dpath,
         args.out_dpath,
         work_dpath=args.work_dpath,

@@ -1,5 +1,6 @@
 """Shared fixtures: a small synthetic image set, its tiny-ViT shard directory, a trained group."""
 
+import json
 import pathlib
 
 import pytest
@@ -65,3 +66,13 @@ def trained_dpath(tmp_path_factory, shards_dpath) -> pathlib.Path:
     )
     train.train_group(spec, shards_dpath, out_dpath, device="cpu")
     return out_dpath
+
+
+def render_spec_args(dpath: pathlib.Path, dataset_cfg: dict, render_cfg: dict, label: str):
+    """The spec-file arguments of `python -m saev_core.render`, written as the plan would."""
+    shards_spec_fpath = dpath / "shards-spec.json"
+    shards_spec = {"metadata": tiny_metadata().to_dict(), "dataset": dataset_cfg}
+    shards_spec_fpath.write_text(json.dumps(shards_spec))
+    render_spec_fpath = dpath / "render-spec.json"
+    render_spec_fpath.write_text(json.dumps({"label": label, "render": render_cfg}))
+    return ["--shards-spec-fpath", str(shards_spec_fpath), "--spec-fpath", str(render_spec_fpath)]

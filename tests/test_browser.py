@@ -7,12 +7,12 @@ missing unless SAEV_REQUIRE_BROWSER is set, which CI does, so there it fails ins
 
 import base64
 import csv
-import json
 import os
 import shutil
 
 import numpy as np
 import pytest
+from conftest import render_spec_args
 
 from saev_core import datasets, evaluate, render, sae, shards, topk
 
@@ -47,12 +47,10 @@ def rendered(shards_dpath, trained_dpath, dataset_cfg, tmp_path_factory):
             *("--topk-fpath", str(tmp_path / "topk.npz")),
             *("--concepts-fpath", str(tmp_path / "concept_candidates.csv")),
             *("--shards-dpath", str(shards_dpath)),
-            *("--dataset-json", json.dumps(dataset_cfg)),
-            *("--render-json", json.dumps(render_cfg)),
+            *render_spec_args(tmp_path, dataset_cfg, render_cfg, label="L-1 topk k=8 x4"),
             *("--out-dpath", str(tmp_path / "features")),
             *("--browser-fpath", str(tmp_path / "browser.html")),
             *("--grid-fpath", str(tmp_path / "grid.jpg")),
-            *("--label", "L-1 topk k=8 x4"),
             *("--device", "cpu"),
         ]
     )

@@ -1,18 +1,23 @@
 """Sweeps expand into SAEs with stable ids, grouped by data stream; bad configs name the key."""
 
 import copy
+import json
 import pathlib
 import re
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 import yaml
 
-from saev_core import plan
+from saev_core import config as saev_config
+from saev_core import plan, summarize
 
 REPO = pathlib.Path(__file__).parent.parent
-CONFIG_FPATH = REPO / "config" / "experiments.yaml"
+# The tests' own copy of the embedded default: users may edit config/experiments.yaml freely.
+CONFIG_FPATH = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
+USER_CONFIG_FPATH = REPO / "config" / "experiments.yaml"
 
 
 @pytest.fixture()
@@ -94,7 +99,7 @@ def test_shard_hash_ignores_execution_settings(config):
 def test_unrecorded_layer_is_a_plan_error(config):
     config["sweeps"]["tiny-synthetic"]["train"][0]["layer"] = [-3]
     with pytest.raises(
-        plan.PlanError, match=r"sweeps.tiny-synthetic.train.layer: layer -3 is not recorded"
+        plan.PlanError, match=r"sweeps.tiny-synthetic.train\[0\].layer: layer -3 is not recorded"
     ):
         plan.make_plan(config)
 
@@ -127,14 +132,13 @@ def test_snakemake_dry_run_rejects_bad_config_naming_the_key(tmp_path, edit, exp
 
 
 def test_commented_cluster_experiments_are_valid_when_enabled():
-    """Uncommenting every `# key: value` line of the shipped config gives a schema-valid config."""
+    """Uncommenting every `# key: value` line of the shipped config gives a schema-valid config
+    (whatever the user kept of them)."""
     lines = [
         re.sub(r"^(\s+)# (\s*(?:- )?[\w-]+:.*)$", r"\1\2", line)
-        for line in CONFIG_FPATH.read_text().splitlines()
+        for line in USER_CONFIG_FPATH.read_text().splitlines()
     ]
-    config = yaml.safe_load("\n".join(lines))
-    assert {"clip-b16-imagenet", "siglip2-inat21"} <= set(config["sweeps"])
-    plan.validate_config(config)
+    plan.validate_config(yaml.safe_load("\n".join(lines)))
 
 
 def test_n_parts_does_not_change_the_hash_and_cannot_exceed_the_shards(config):
@@ -192,3 +196,169 @@ def test_wandb_project_reaches_the_training_jobs_only_when_set(tmp_path):
     # Execution-only: the same SAE ids either way.
     ids = re.compile(r"results/tiny-synthetic/groups/(\S+?)[ /']")
     assert set(ids.findall(with_wandb)) == set(ids.findall(without))
+
+
+def sweep_edit(**changes):
+    """An edit of the embedded default's sweep: `saes`/`train` entry updates and sweep keys."""
+
+    def edit(c):
+        sweep = c["sweeps"]["tiny-synthetic"]
+        for key, value in changes.items():
+            if key.startswith("saes"):
+                sweep["saes"][int(key[4:])].update(value)
+            elif key.startswith("train"):
+                sweep["train"][int(key[5:])].update(value)
+            else:
+                sweep[key] = value
+
+    return edit
+
+
+def other_width_val(c):
+    c["models"]["wide"] = {**c["models"]["tiny"], "ckpt": "vit-tiny-p8-64", "d_vit": 128}
+    c["activations"]["tiny-synthetic-val"]["model"] = "wide"
+
+
+BAD_CONFIGS = {
+    "relu with aux_k": (
+        sweep_edit(saes0={"aux_k": 4}),
+        "sweeps.tiny-synthetic.saes[0].aux_k: applies to topk and batchtopk, not relu",
+    ),
+    "k above d_sae": (
+        sweep_edit(saes1={"k": 100000}),
+        "sweeps.tiny-synthetic.saes[1].k: 100000 exceeds d_sae 512",
+    ),
+    "relu with k": (
+        sweep_edit(saes0={"k": 3}),
+        "sweeps.tiny-synthetic.saes[0].k: applies to topk and batchtopk, not relu",
+    ),
+    "batch larger than the data": (
+        sweep_edit(train0={"batch_size": 10_000_000, "n_train": 10_000_000}),
+        "sweeps.tiny-synthetic.train[0].batch_size: 10000000 exceeds the 16384 patches vectors",
+    ),
+    "exp_factor 0": (
+        sweep_edit(train0={"exp_factor": 0}),
+        "sweeps.tiny-synthetic.train[0].exp_factor: 0 is less than the minimum of 1",
+    ),
+    "negative lr": (
+        sweep_edit(train0={"lr": -0.001}),
+        "sweeps.tiny-synthetic.train[0].lr: -0.001 is less than or equal to the minimum of 0",
+    ),
+    "eval activations of another d_vit": (
+        other_width_val,
+        "sweeps.tiny-synthetic.eval_activations: 'tiny-synthetic-val' has d_vit 128",
+    ),
+    "too many SAEs per group": (
+        sweep_edit(max_saes_per_group=5000),
+        "sweeps.tiny-synthetic.max_saes_per_group: 5000 is greater than the maximum of 1024",
+    ),
+    "budget below one batch": (
+        sweep_edit(train0={"n_train": 100}),
+        "sweeps.tiny-synthetic.train[0].n_train: 100 is less than one batch (1024 vectors)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_configs_fail_the_dry_run_naming_the_config_path(tmp_path, case):
+    edit, expected = BAD_CONFIGS[case]
+    config = yaml.safe_load(CONFIG_FPATH.read_text())
+    edit(config)
+    result = dry_run(config, tmp_path)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"{tmp_path / 'experiments.yaml'}: {expected}" in output, output[-3000:]
+
+
+def test_schema_defaults_equal_the_dataclass_defaults():
+    schema = yaml.safe_load(plan.SCHEMA_FPATH.read_text())
+    sweep = schema["properties"]["sweeps"]["additionalProperties"]["properties"]
+    activations = schema["properties"]["activations"]["additionalProperties"]["properties"]
+
+    def schema_defaults(properties: dict) -> dict:
+        return {k: v["default"] for k, v in properties.items() if "default" in v}
+
+    def as_json(defaults: dict) -> dict:
+        return json.loads(json.dumps(defaults))
+
+    sae_and_train = saev_config.defaults(saev_config.SaeConfig) | saev_config.defaults(
+        saev_config.TrainConfig
+    )
+    for properties, expected in [
+        (schema["properties"], saev_config.defaults(saev_config.WorkflowConfig)),
+        (activations, saev_config.defaults(saev_config.ActivationsConfig)),
+        (sweep["render"]["properties"], saev_config.defaults(saev_config.RenderConfig)),
+        (schema["$defs"]["train"]["properties"], sae_and_train),
+        (sweep["saes"]["items"]["properties"], sae_and_train),
+    ]:
+        found = schema_defaults(properties)
+        assert found, properties
+        assert found == {k: v for k, v in as_json(expected).items() if k in found}
+    sweep_defaults = schema_defaults(sweep)
+    sweep_defaults.pop("render")  # an object whose keys carry their own defaults
+    expected = saev_config.defaults(saev_config.SweepConfig)
+    assert expected.pop("render") == saev_config.RenderConfig()
+    expected = as_json(expected)
+    assert sweep_defaults == {k: expected[k] for k in sweep_defaults}
+
+
+def wide_sweep(n_k: int) -> dict:
+    """The embedded default with `2 * n_k` TopK SAEs (k = 1..n_k on both recorded layers)."""
+    config = yaml.safe_load(CONFIG_FPATH.read_text())
+    sweep = config["sweeps"]["tiny-synthetic"]
+    sweep["saes"] = [{"activation": "topk", "k": list(range(1, n_k + 1))}]
+    return config
+
+
+def test_a_thousand_saes_plan_with_short_commands(tmp_path):
+    result = dry_run(wide_sweep(500), tmp_path, "-p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [line for line in result.stdout.splitlines() if "python -m saev_core." in line]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+    assert counts["evaluate_sae"] == counts["topk_images"] == counts["render_features"] == "1000"
+    assert counts["train_group"] == str(2 * -(-500 // 16))
+    assert max(len(line) for line in commands) < 8 * 1024
+    # Each job's settings went to a spec file instead.
+    assert len(list((tmp_path / "results/specs/tiny-synthetic/render").iterdir())) == 1000
+
+
+def test_summary_of_three_hundred_saes_reads_their_files(tmp_path):
+    """Summarise from `sae.pt` headers and `metrics.json` (fakes of the right layout)."""
+    config = wide_sweep(150)
+    plan.validate_config(config)
+    sweep = plan.make_plan(config).sweeps["tiny-synthetic"]
+    assert len(sweep.saes) == 300
+    sweep_dpath = tmp_path / "tiny-synthetic"
+    for sae_id, group in sweep.sae_group.items():
+        ckpt_fpath = sweep_dpath / "groups" / group / sae_id / "sae.pt"
+        ckpt_fpath.parent.mkdir(parents=True)
+        ckpt_fpath.write_bytes(json.dumps({"train": sweep.saes[sae_id]}).encode() + b"\nweights")
+        k = sweep.saes[sae_id]["k"]
+        metrics = {"l0": float(k), "normalized_mse": 1 / k, "n_dead": 0}
+        (sweep_dpath / "saes" / sae_id).mkdir(parents=True)
+        (sweep_dpath / "saes" / sae_id / "metrics.json").write_text(json.dumps(metrics))
+    spec_fpath = tmp_path / "summary.json"
+    spec_fpath.write_text(json.dumps(sweep.summary_spec()))
+    out = {name: tmp_path / name for name in ("s.csv", "s.parquet", "p.png")}
+    summarize.main(
+        [
+            *("--spec-fpath", str(spec_fpath), "--sweep-dpath", str(sweep_dpath)),
+            *("--out-csv-fpath", str(out["s.csv"]), "--out-parquet-fpath", str(out["s.parquet"])),
+            *("--out-plot-fpath", str(out["p.png"])),
+        ]
+    )
+    df = pl.read_csv(out["s.csv"])
+    assert len(df) == 300 and df["label"].n_unique() == 300
+    assert dict(zip(df["sae"], df["label"], strict=True)) == sweep.labels
+    assert (df["l0"] == df["k"]).all()
+    assert out["p.png"].stat().st_size > 1000
+
+
+def test_code_fingerprints_follow_imports():
+    steps = ("train", "evaluate", "summarize", "topk", "render")
+    imports = {step: plan.imported_modules(step) for step in steps}
+    assert "sae" in imports["train"] and "browser" in imports["render"]
+    assert "sae" not in imports["summarize"]
+    prints = {step: plan.code_fingerprint(step) for step in steps}
+    assert len(set(prints.values())) == len(steps)
+    assert prints == {step: plan.code_fingerprint(step) for step in steps}  # deterministic

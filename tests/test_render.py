@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import render_spec_args
 
 from saev_core import browser, datasets, render, sae, shards, topk
 
@@ -129,8 +130,7 @@ def run_render(tmp_path, trained_dpath, shards_dpath, dataset_cfg, result, rende
             *("--sae-fpath", str(trained_dpath / "topk" / "sae.pt")),
             *("--topk-fpath", str(tmp_path / "topk.npz")),
             *("--shards-dpath", str(shards_dpath)),
-            *("--dataset-json", json.dumps(dataset_cfg)),
-            *("--render-json", json.dumps(render_cfg)),
+            *render_spec_args(tmp_path, dataset_cfg, render_cfg, label="test SAE"),
             *("--out-dpath", str(out_dpath)),
             *("--browser-fpath", str(tmp_path / "browser.html")),
             *("--grid-fpath", str(tmp_path / "grid.jpg")),

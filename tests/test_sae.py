@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import group_spec
 
-from saev_core import sae, train
+from saev_core import config, sae, train
 
 ARCHS = {
     "relu": {"activation": "relu", "sparsity_coeff": 0.01},
@@ -33,7 +33,7 @@ def read_log(fpath) -> list[dict]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_shapes(arch):
-    cfg = train.sae_config(16, {"seed": 0, "exp_factor": 4, **ARCHS[arch]})
+    cfg = config.SaeConfig(d_vit=16, exp_factor=4, **ARCHS[arch])
     x_hat, f_x = sae.SparseAutoencoder(cfg)(torch.randn(10, 16))
     assert x_hat.shape == (10, 16) and f_x.shape == (10, 64)
 
@@ -163,9 +163,9 @@ def test_normalization_constants_are_stored_and_undone(trained_all):
 
 
 def test_unknown_architecture_is_an_error():
-    with pytest.raises(ValueError, match=r"activation must be one of .*, got 'gated'"):
+    with pytest.raises(ValueError, match=r"activation: must be one of .*, got 'gated'"):
         sae.SaeConfig(d_vit=4, activation="gated")
-    with pytest.raises(ValueError, match="aux_k applies to topk and batchtopk, not relu"):
+    with pytest.raises(ValueError, match="aux_k: applies to topk and batchtopk, not relu"):
         sae.SaeConfig(d_vit=4, activation="relu", aux_k=4)
 
 

@@ -106,10 +106,10 @@ def one_per_shard_dpath(tmp_path_factory, dataset_cfg) -> pathlib.Path:
 
 
 def run_dump_cli(command: str, metadata: shards.Metadata, dataset_cfg: dict, root, *extra):
-    argv = [sys.executable, "-m", "saev_core.dump", command]
-    argv += ["--metadata-json", json.dumps(metadata.to_dict())]
-    argv += ["--dataset-json", json.dumps(dataset_cfg), "--shards-dpath", str(root), *extra]
-    return argv
+    spec_fpath = root / "spec.json"
+    spec_fpath.write_text(json.dumps({"metadata": metadata.to_dict(), "dataset": dataset_cfg}))
+    argv = [sys.executable, "-m", "saev_core.dump", command, "--spec-fpath", str(spec_fpath)]
+    return argv + ["--shards-dpath", str(root), "--n-workers", "0", *extra]
 
 
 def test_sigkill_at_several_points_then_rerun_is_byte_identical(
@@ -117,7 +117,10 @@ def test_sigkill_at_several_points_then_rerun_is_byte_identical(
 ):
     metadata = tiny_metadata(max_patches_per_shard=ONE_PER_SHARD)
     dpath = tmp_path / metadata.hash
-    part_argv = run_dump_cli("part", metadata, dataset_cfg, tmp_path, "--batch-size", "3")
+    part_argv = run_dump_cli(
+        "part", metadata, dataset_cfg, tmp_path, "--batch-size", "3", "--device", "cpu"
+    )
+    part_argv += ["--part", "0", "--n-parts", "1"]
 
     def n_complete() -> int:
         return sum(1 for p in dpath.glob("acts*.bin"))
@@ -168,7 +171,12 @@ def test_publish_refuses_a_missing_shard(shards_dpath, dataset_cfg, tmp_path):
     shutil.copytree(shards_dpath, copy)
     (copy / "shards.json").unlink()
     (copy / "acts000001.bin").unlink()
-    with pytest.raises(shards.ShardError, match=r"cannot publish: .*acts000001.bin incomplete"):
+    (copy / "acts000002.bin").write_bytes(b"short")
+    with pytest.raises(
+        shards.ShardError,
+        match=r"cannot publish .*: acts000001.bin, acts000002.bin missing or incomplete "
+        r"\(2 of 3 shards\). Run `snakemake` again",
+    ):
         shards.ShardWriter(copy, tiny_metadata()).publish()
 
 

@@ -10,7 +10,6 @@ the same weights as an undisturbed run; and that a second run submits nothing.
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -123,9 +122,9 @@ def cancel_a_training_job_after_its_checkpoint(workdir: pathlib.Path, proc) -> s
 
 def test_embedded_default_on_slurm(cluster, tmp_path):
     env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
-    shutil.copytree(REPO / "config", tmp_path / "config")
+    (tmp_path / "config").mkdir()
     config_fpath = tmp_path / "config" / "experiments.yaml"
-    config = yaml.safe_load(config_fpath.read_text())
+    config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
     config["sweeps"]["tiny-synthetic"]["checkpoint_every"] = 10  # execution only: ids unchanged
     config_fpath.write_text(yaml.safe_dump(config))
 
@@ -155,9 +154,15 @@ def test_embedded_default_on_slurm(cluster, tmp_path):
                 assert facts["Partition"] == "cpu", (rule, facts)
                 assert facts["JOB_GRES"] == "(null)", (rule, facts)
 
-    # The cancelled job was resubmitted and resumed from its checkpoint.
+    # Tiny steps never queue as cluster jobs (localrules).
+    assert not {"synthetic_dataset", "summarize_sweep", "all"} & set(by_rule)
+
+    # The cancelled job was resubmitted, with more time (runtime "30 * attempt"), and resumed
+    # from its checkpoint.
     group_jobs = [f for f in by_rule["train_group"] if group in f["Comment"]]
     assert sorted(f["JobState"] for f in group_jobs) == ["CANCELLED", "COMPLETED"]
+    limits = {f["JobState"]: f["TimeLimit"] for f in group_jobs}
+    assert limits == {"CANCELLED": "00:30:00", "COMPLETED": "01:00:00"}
     train_log = (tmp_path / "results/logs/train_group/tiny-synthetic" / f"{group}.log").read_text()
     assert "resuming from" in train_log
     assert_same_as_undisturbed(tmp_path, config, group)
@@ -176,8 +181,7 @@ def assert_same_as_undisturbed(workdir: pathlib.Path, config: dict, group_id: st
     """Train the cancelled group again here, undisturbed, from the same shards."""
     plan.validate_config(config)
     sweep = plan.make_plan(config).sweeps["tiny-synthetic"]
-    group = sweep.groups[group_id]
-    spec = {"stream": group.stream, "saes": {i: sweep.saes[i] for i in group.sae_ids}}
+    spec = sweep.group_spec(group_id)
     shards_dpath = workdir / config["shards_dpath"] / sweep.train_shards
     models = train.train_group(spec, shards_dpath, workdir / "undisturbed", device="cpu")
     for sae_id, model in models.items():

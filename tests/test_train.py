@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import group_spec
 
-from saev_core import evaluate, sae, shards, tracking, train
+from saev_core import config, evaluate, sae, shards, tracking, train
 
 
 def test_group_training_lowers_error_from_initialisation(shards_dpath, trained_dpath):
     reader = shards.ShardReader(shards_dpath)
     for sae_id in ("relu", "topk"):
         trained, train_cfg = sae.load_trained(trained_dpath / sae_id / "sae.pt")
-        initial = sae.SparseAutoencoder(train.sae_config(64, train_cfg))
+        initial = sae.SparseAutoencoder(config.sae_spec(64, train_cfg).sae)
         before = evaluate.evaluate(initial, reader, -1, "patches").metrics
         after = evaluate.evaluate(trained, reader, -1, "patches").metrics
         assert after["normalized_mse"] < 0.7 * before["normalized_mse"], sae_id
@@ -116,7 +116,9 @@ def test_sigkill_then_rerun_ends_with_the_same_weights(shards_dpath, tmp_path):
     undisturbed = train.train_group(spec, shards_dpath, tmp_path / "undisturbed", device="cpu")
 
     out_dpath, work_dpath = tmp_path / "killed", tmp_path / "work"
-    argv = [sys.executable, "-m", "saev_core.train", "--group-json", json.dumps(spec)]
+    spec_fpath = tmp_path / "group.json"
+    spec_fpath.write_text(json.dumps(spec))
+    argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
     argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
     argv += ["--work-dpath", str(work_dpath), "--checkpoint-every", "25", "--device", "cpu"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -67,15 +68,21 @@ CONFIG = {
 }
 
 
-def snakemake(workdir: pathlib.Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+def snakemake(workdir: pathlib.Path, *args: str, repo: pathlib.Path = REPO) -> str:
+    """Run Snakemake on `workdir` with the workflow and `saev_core` of `repo` (first on the
+    path, for the snakemake process and its jobs alike)."""
+    env = {
+        **os.environ,
+        "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(repo),
+    }
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "snakemake",
             "-s",
-            str(REPO / "Snakefile"),
+            str(repo / "Snakefile"),
             "--directory",
             str(workdir),
         ]
@@ -83,6 +90,7 @@ def snakemake(workdir: pathlib.Path, *args: str) -> str:
         capture_output=True,
         text=True,
         env=env,
+        cwd=workdir,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -113,9 +121,10 @@ def test_run_leaves_what_users_open(workdir):
         canonical = json.dumps(md, sort_keys=True, separators=(",", ":")).encode()
         assert hashlib.sha256(canonical).hexdigest() == dpath.name
         listing = json.loads((dpath / "shards.json").read_text())
+        n_parts = CONFIG["activations"]["train" if len(listing) == 3 else "val"].get("n_parts", 1)
+        markers = {f".dump-part{p}-of-{n_parts}.done" for p in range(n_parts)}
         expected = {"metadata.json", "shards.json", "labels.bin"} | {e["name"] for e in listing}
-        assert {p.name for p in dpath.iterdir()} == expected  # no temporary leftovers
-    assert len(list(results.glob("dump-parts/*/part*-of-2.done"))) == 2
+        assert {p.name for p in dpath.iterdir()} == expected | markers  # no temporary leftovers
 
     checkpoints = sorted(results.glob("s/groups/*/*/sae.pt"))
     assert len(checkpoints) == 6
@@ -164,6 +173,91 @@ def test_editing_one_value_reruns_only_its_group(workdir):
         "summarize_sweep": 1,
         "all": 1,
     }
+
+
+def copy_of(workdir: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    """A copy of a finished run (results and Snakemake's records) to change things in."""
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work, symlinks=True)
+    return work
+
+
+def file_digests(dpath: pathlib.Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(dpath.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def test_code_edits_rerun_exactly_the_steps_that_import_them(workdir, tmp_path):
+    repo = tmp_path / "repo"  # a copy of the project whose code we edit
+    repo.mkdir()
+    for name in ("Snakefile", "workflow", "saev_core", "envs", "README.md"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, repo / name)
+    work = copy_of(workdir, tmp_path)
+    assert "Nothing to be done" in snakemake(work, "-n", "all", repo=repo)
+
+    def dry_run_after(fname: str, edit) -> dict[str, int] | str:
+        fpath = repo / fname
+        original = fpath.read_text()
+        fpath.write_text(edit(original))
+        try:
+            output = snakemake(work, "-n", "all", repo=repo)
+        finally:
+            fpath.write_text(original)
+        return "nothing" if "Nothing to be done" in output else job_counts(output)
+
+    def add_code(text: str) -> str:
+        return text + "\n\ndef _unused():\n    return 1\n"
+
+    assert dry_run_after("saev_core/render.py", add_code) == {"render_features": 6, "all": 1}
+    assert dry_run_after("saev_core/browser.html", lambda t: t.replace("<h2", "<h2 class='x'")) == {
+        "render_features": 6,
+        "all": 1,
+    }
+    assert dry_run_after("saev_core/sae.py", add_code) == {
+        "train_group": 2,
+        "evaluate_sae": 6,
+        "topk_images": 6,
+        "render_features": 6,
+        "summarize_sweep": 1,
+        "all": 1,
+    }
+    # Comments, docstrings and prose change no behaviour: nothing reruns.
+    assert dry_run_after("saev_core/sae.py", lambda t: t + "\n# a comment\n") == "nothing"
+    assert (
+        dry_run_after(
+            "saev_core/render.py", lambda t: t.replace('"""Render an', '"""Render, sayeth, an')
+        )
+        == "nothing"
+    )
+    assert dry_run_after("README.md", lambda t: t + "\nmore words\n") == "nothing"
+
+
+@pytest.mark.parametrize("lost", ["directory", "one shard file"])
+def test_lost_shards_are_redumped_without_retraining(workdir, tmp_path, lost):
+    work = copy_of(workdir, tmp_path)
+    train_dpath = next(
+        d
+        for d in (work / "results" / "shards").iterdir()
+        if len(json.loads((d / "shards.json").read_text())) == 3
+    )
+    before = file_digests(train_dpath)
+    if lost == "directory":  # a scratch purge
+        shutil.rmtree(train_dpath)
+        expected = {"dump_activations": 2, "publish_activations": 1}
+    else:  # part 1 of 2 wrote shards 1 and 2
+        (train_dpath / "acts000001.bin").unlink()
+        expected = {"dump_activations": 1, "publish_activations": 1}
+    counts = job_counts(snakemake(work, "-n", "all"))
+    assert {k: v for k, v in counts.items() if k != "all"} == expected
+    snakemake(work, "all")
+    assert file_digests(train_dpath) == before  # same bytes, so the same name
+    assert "Nothing to be done" in snakemake(work, "-n", "all")
 
 
 def sae_labels(workdir) -> list[str]:

@@ -1,17 +1,37 @@
-"""Planning helpers: what to run, derived once from the validated config by saev_core.plan."""
+"""Planning: the validated config becomes typed job specs (saev_core.plan), written to
+results/specs/; helpers below hand each rule its inputs and params."""
 
-import json
 import shlex
 
 from saev_core import plan as saev_plan
 
+CONFIG_SOURCE = (
+    ", ".join(map(str, workflow.overwrite_configfiles)) or "config/experiments.yaml"
+)
 try:
+    saev_plan.validate_config(config)
     PLAN = saev_plan.make_plan(config)
 except saev_plan.PlanError as err:
-    raise WorkflowError(f"config/experiments.yaml: {err}") from None
+    raise WorkflowError(f"{CONFIG_SOURCE}: {err}") from None
+saev_plan.write_specs(PLAN)
+saev_plan.heal_shard_directories(PLAN)
 
-SHARDS_DPATH = config["shards_dpath"].rstrip("/")
-DEVICE = config["device"]
+SHARDS_DPATH = PLAN.workflow.shards_dpath.rstrip("/")
+DEVICE = PLAN.workflow.device
+# Each step's code: a rule reruns when the saev_core modules its step imports change. Not the
+# dump's: shard directories (and generated datasets) are named by their configuration and never
+# rewritten; after changing code that alters their bytes, delete them (README, "Reruns").
+CODE = {
+    step: saev_plan.code_fingerprint(step)
+    for step in ("train", "evaluate", "summarize", "topk", "render")
+}
+
+
+# Tiny steps run where Snakemake runs, never as cluster jobs.
+localrules:
+    all,
+    synthetic_dataset,
+    summarize_sweep,
 
 
 wildcard_constraints:
@@ -25,14 +45,45 @@ wildcard_constraints:
 
 
 def shards_done(shards_hash):
-    """The completion marker of a shard directory: published last, atomically."""
-    return f"{SHARDS_DPATH}/{shards_hash}/shards.json"
+    """What steps that read a shard directory wait for: a token the publish step writes beside
+    `shards.json`, outside the (purgeable, scratch) shard directory. `ancient`, and it survives a
+    purge: a re-dump (same bytes, so the same name) reruns nothing downstream."""
+    return ancient(f"results/shards-published/{shards_hash}.done")
+
+
+def shards_dpath(shards_hash):
+    return f"{SHARDS_DPATH}/{shards_hash}"
+
+
+def get_sweep_shards_dpath(which):
+    """The `train_shards` or `eval_shards` directory of the job's sweep. The param function takes
+    `input`, which makes Snakemake count it as derived, not a rerun trigger: moving
+    `shards_dpath` to another disk retrains nothing."""
+
+    def dpath(wildcards, input):
+        return shards_dpath(getattr(PLAN.sweeps[wildcards.sweep], which))
+
+    return dpath
+
+
+def spec_input(fpath):
+    """Spec files are inputs by path only: their content reaches the rule as a `spec` param."""
+    return ancient(fpath)
+
+
+def get_shards_spec(wildcards):
+    return spec_input(saev_plan.shards_spec_fpath(wildcards.shards))
+
+
+def get_shards_spec_hash(wildcards):
+    return saev_plan.spec_hash(PLAN.shard_jobs[wildcards.shards].spec)
 
 
 def get_dataset_input(dataset):
-    """Generated datasets are produced by a rule; external ones are just read."""
+    """Generated datasets are produced by a rule (deterministic from their seed); external ones
+    are just read."""
     if PLAN.datasets[dataset]["kind"] == "synthetic":
-        return f"results/datasets/{dataset}"
+        return ancient(f"results/datasets/{dataset}")
     return []
 
 
@@ -41,19 +92,11 @@ def get_dump_dataset(wildcards):
 
 
 def get_dump_parts(wildcards):
-    n_parts = PLAN.shard_jobs[wildcards.shards].n_parts
+    n_parts = PLAN.shard_jobs[wildcards.shards].activations.n_parts
     return [
-        f"results/dump-parts/{wildcards.shards}/part{part}-of-{n_parts}.done"
+        f"{SHARDS_DPATH}/{wildcards.shards}/{saev_plan.part_marker_fname(part, n_parts)}"
         for part in range(n_parts)
     ]
-
-
-def get_shard_metadata_json(wildcards):
-    return json.dumps(PLAN.shard_jobs[wildcards.shards].metadata.to_dict())
-
-
-def get_shard_dataset_json(wildcards):
-    return json.dumps(PLAN.datasets[PLAN.shard_jobs[wildcards.shards].dataset])
 
 
 def get_group_dpath(wildcards):
@@ -62,25 +105,8 @@ def get_group_dpath(wildcards):
 
 
 def get_wandb_args(wildcards):
-    project = PLAN.sweeps[wildcards.sweep].wandb_project
+    project = PLAN.sweeps[wildcards.sweep].cfg.wandb_project
     return f"--wandb-project {shlex.quote(project)}" if project else ""
-
-
-def get_sweep_model(wildcards):
-    """The ViT a sweep's SAEs read, as family:checkpoint."""
-    md = PLAN.shard_jobs[PLAN.sweeps[wildcards.sweep].train_shards].metadata
-    return f"{md.vit_family}:{md.vit_ckpt}"
-
-
-def get_eval_dataset(wildcards):
-    return PLAN.shard_jobs[PLAN.sweeps[wildcards.sweep].eval_shards].dataset
-
-
-def get_group_json(wildcards):
-    sweep = PLAN.sweeps[wildcards.sweep]
-    group = sweep.groups[wildcards.group]
-    saes = {sae_id: sweep.saes[sae_id] for sae_id in group.sae_ids}
-    return json.dumps({"stream": group.stream, "saes": saes}, sort_keys=True)
 
 
 def get_report_labels(view):
@@ -94,7 +120,9 @@ def get_report_labels(view):
 
 
 def get_all_outputs():
-    outputs = []
+    # Every shard directory's own completion marker: a purged or damaged directory (see
+    # saev_plan.heal_shard_directories) is dumped and published again.
+    outputs = [f"{shards_dpath(h)}/shards.json" for h in PLAN.shard_jobs]
     for name, sweep in PLAN.sweeps.items():
         outputs += [f"results/{name}/summary.csv", f"results/{name}/pareto.png"]
         for sae_id in sweep.saes:

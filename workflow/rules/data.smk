@@ -9,9 +9,9 @@ rule synthetic_dataset:
     conda:
         "../../envs/saev.yaml"
     params:
-        n_imgs=lambda wc: config["datasets"][wc.dataset]["n_imgs"],
-        img_size=lambda wc: config["datasets"][wc.dataset]["img_size"],
-        seed=lambda wc: config["datasets"][wc.dataset]["seed"],
+        n_imgs=lambda wc: PLAN.datasets[wc.dataset]["n_imgs"],
+        img_size=lambda wc: PLAN.datasets[wc.dataset]["img_size"],
+        seed=lambda wc: PLAN.datasets[wc.dataset]["seed"],
     shell:
         "python -m saev_core.synthetic --out-dpath {output} --n-imgs {params.n_imgs}"
         " --img-size {params.img_size} --seed {params.seed} > {log} 2>&1"

@@ -3,7 +3,9 @@ rule evaluate_sae:
     input:
         group=get_group_dpath,
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].eval_shards),
-        dataset=lambda wc: get_dataset_input(get_eval_dataset(wc)),
+        spec=lambda wc: spec_input(
+            saev_plan.shards_spec_fpath(PLAN.sweeps[wc.sweep].eval_shards)
+        ),
     output:
         metrics="results/{sweep}/saes/{sae}/metrics.json",
         latents="results/{sweep}/saes/{sae}/latents.npz",
@@ -29,20 +31,24 @@ rule evaluate_sae:
     conda:
         "../../envs/saev.yaml"
     params:
-        shards_dpath=lambda wc, input: os.path.dirname(input.shards),
-        dataset=lambda wc: json.dumps(PLAN.datasets[get_eval_dataset(wc)]),
+        spec=lambda wc: saev_plan.spec_hash(
+            PLAN.shard_jobs[PLAN.sweeps[wc.sweep].eval_shards].spec
+        ),
+        code=CODE["evaluate"],
+        shards_dpath=get_sweep_shards_dpath("eval_shards"),
         out_dpath=lambda wc, output: os.path.dirname(output.metrics),
         device=DEVICE,
     shell:
         "python -m saev_core.evaluate --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
-        " --shards-dpath {params.shards_dpath:q} --dataset-json {params.dataset:q}"
+        " --shards-dpath {params.shards_dpath:q} --shards-spec-fpath {input.spec:q}"
         " --out-dpath {params.out_dpath:q} --device {params.device} > {log} 2>&1"
 
 
 rule summarize_sweep:
     """One table row per SAE and the L0-vs-MSE Pareto plot."""
     input:
-        lambda wc: expand(
+        spec=lambda wc: spec_input(saev_plan.summary_spec_fpath(wc.sweep)),
+        metrics=lambda wc: expand(
             "results/{sweep}/saes/{sae}/metrics.json",
             sweep=wc.sweep,
             sae=sorted(PLAN.sweeps[wc.sweep].saes),
@@ -68,16 +74,9 @@ rule summarize_sweep:
     conda:
         "../../envs/saev.yaml"
     params:
-        sweep=lambda wc: json.dumps(
-            {
-                "saes": PLAN.sweeps[wc.sweep].saes,
-                "sae_group": PLAN.sweeps[wc.sweep].sae_group,
-                "model": get_sweep_model(wc),
-                "labels": PLAN.sweeps[wc.sweep].labels,
-            },
-            sort_keys=True,
-        ),
+        spec=lambda wc: saev_plan.spec_hash(PLAN.sweeps[wc.sweep].summary_spec()),
+        code=CODE["summarize"],
     shell:
-        "python -m saev_core.summarize --sweep-json {params.sweep:q} --metrics-fpaths {input:q}"
-        " --out-csv-fpath {output.csv:q} --out-parquet-fpath {output.parquet:q}"
-        " --out-plot-fpath {output.plot:q} > {log} 2>&1"
+        "python -m saev_core.summarize --spec-fpath {input.spec:q}"
+        " --sweep-dpath results/{wildcards.sweep} --out-csv-fpath {output.csv:q}"
+        " --out-parquet-fpath {output.parquet:q} --out-plot-fpath {output.plot:q} > {log} 2>&1"

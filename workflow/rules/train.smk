@@ -5,7 +5,8 @@ rule train_group:
     removes after a failure), so a killed or resubmitted job continues where it stopped.
     """
     input:
-        lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
+        spec=lambda wc: spec_input(saev_plan.group_spec_fpath(wc.sweep, wc.group)),
+        shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
     output:
         directory("results/{sweep}/groups/{group}"),
     log:
@@ -14,15 +15,17 @@ rule train_group:
         "results/benchmarks/train_group/{sweep}/{group}.tsv"
     conda:
         "../../envs/saev.yaml"
+    threads: 4
     params:
-        group=get_group_json,
-        shards_dpath=lambda wc, input: os.path.dirname(input[0]),
+        spec=lambda wc: saev_plan.spec_hash(PLAN.sweeps[wc.sweep].group_spec(wc.group)),
+        code=CODE["train"],
+        shards_dpath=get_sweep_shards_dpath("train_shards"),
         work_dpath=lambda wc: f"results/{wc.sweep}/work/{wc.group}",
-        checkpoint_every=lambda wc: PLAN.sweeps[wc.sweep].checkpoint_every,
+        checkpoint_every=lambda wc: PLAN.sweeps[wc.sweep].cfg.checkpoint_every,
         wandb=get_wandb_args,
         device=DEVICE,
     shell:
-        "python -m saev_core.train --group-json {params.group:q}"
+        "python -m saev_core.train --spec-fpath {input.spec:q}"
         " --shards-dpath {params.shards_dpath:q} --out-dpath {output:q}"
         " --work-dpath {params.work_dpath:q} --checkpoint-every {params.checkpoint_every}"
         " --device {params.device} {params.wandb} > {log} 2>&1"

@@ -13,9 +13,10 @@ rule topk_images:
     conda:
         "../../envs/saev.yaml"
     params:
-        shards_dpath=lambda wc, input: os.path.dirname(input.shards),
-        top_k=lambda wc: PLAN.sweeps[wc.sweep].top_k,
-        percentile=lambda wc: PLAN.sweeps[wc.sweep].percentile,
+        code=CODE["topk"],
+        shards_dpath=get_sweep_shards_dpath("train_shards"),
+        top_k=lambda wc: PLAN.sweeps[wc.sweep].cfg.top_k,
+        percentile=lambda wc: PLAN.sweeps[wc.sweep].cfg.percentile,
         device=DEVICE,
     shell:
         "python -m saev_core.topk --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
@@ -32,6 +33,10 @@ rule render_features:
         topk="results/{sweep}/saes/{sae}/topk.npz",
         concepts="results/{sweep}/saes/{sae}/concept_candidates.csv",
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
+        shards_spec=lambda wc: spec_input(
+            saev_plan.shards_spec_fpath(PLAN.sweeps[wc.sweep].train_shards)
+        ),
+        spec=lambda wc: spec_input(saev_plan.render_spec_fpath(wc.sweep, wc.sae)),
         dataset=lambda wc: get_dataset_input(PLAN.sweeps[wc.sweep].dataset),
     output:
         browser_dpath=directory("results/{sweep}/saes/{sae}/features"),
@@ -57,14 +62,19 @@ rule render_features:
     conda:
         "../../envs/saev.yaml"
     params:
-        shards_dpath=lambda wc, input: os.path.dirname(input.shards),
-        dataset=lambda wc: json.dumps(PLAN.datasets[PLAN.sweeps[wc.sweep].dataset]),
-        render=lambda wc: json.dumps(PLAN.sweeps[wc.sweep].render),
-        label=lambda wc: PLAN.sweeps[wc.sweep].labels[wc.sae],
+        spec=lambda wc: saev_plan.spec_hash(
+            [
+                PLAN.sweeps[wc.sweep].render_spec(wc.sae),
+                PLAN.shard_jobs[PLAN.sweeps[wc.sweep].train_shards].spec,
+            ]
+        ),
+        code=CODE["render"],
+        shards_dpath=get_sweep_shards_dpath("train_shards"),
+        device=DEVICE,
     shell:
         "python -m saev_core.render --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
         " --topk-fpath {input.topk:q} --concepts-fpath {input.concepts:q}"
-        " --shards-dpath {params.shards_dpath:q} --dataset-json {params.dataset:q}"
-        " --out-dpath {output.browser_dpath:q} --browser-fpath {output.browser:q}"
-        " --grid-fpath {output.grid:q} --render-json {params.render:q} --label {params.label:q}"
-        " > {log} 2>&1"
+        " --shards-dpath {params.shards_dpath:q} --shards-spec-fpath {input.shards_spec:q}"
+        " --spec-fpath {input.spec:q} --out-dpath {output.browser_dpath:q}"
+        " --browser-fpath {output.browser:q} --grid-fpath {output.grid:q}"
+        " --device {params.device} > {log} 2>&1"

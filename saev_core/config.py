@@ -1,0 +1,307 @@
+"""Typed configuration of every job, torch-free so the planner can build and check it.
+
+One frozen dataclass per concept (dataset, model, activation dump, SAE, training stream, render
+settings, sweep), each default written once, here (the schema repeats them for users; a test keeps
+the two equal). `__post_init__` rejects values that cannot work together, raising `ConfigError`
+with the field at fault; the planner prefixes the config path
+(`sweeps.tiny-synthetic.saes[1].k: 100000 exceeds d_sae 512`), so `snakemake -n` fails before any
+job starts, and each step rebuilds the same objects from its spec file.
+"""
+
+import dataclasses
+import typing
+
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+TOP_K_KINDS = ("topk", "batchtopk")
+PENALTY_KINDS = ("relu", "jumprelu")
+TOKENS = ("patches", "cls", "all")
+LR_SCHEDULES = ("constant", "cosine")
+MATRYOSHKA_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
+"""Matryoshka: reconstruct from these fractions of the latents too (nested dictionaries)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; `field` names it (dotted below the entry)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def build(cls, values: dict, *, ignore: tuple[str, ...] = ()):
+    """`cls(**values)`, with unknown keys rejected by name."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(values) - fields - set(ignore)):
+        raise ConfigError(
+            unknown[0], f"is not a setting of {cls.__name__}; known: {sorted(fields)}"
+        )
+    return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+def defaults(cls) -> dict:
+    """Field -> default of a config class (fields without one are left out)."""
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class SaeConfig:
+    """Shape, activation and objective of one SAE."""
+
+    d_vit: int
+    """Input width."""
+    exp_factor: int = 8
+    """d_sae = d_vit * exp_factor."""
+    activation: str = "relu"
+    """`relu` (L1 penalty), `topk` (k largest per example), `batchtopk` (k x batch largest over
+    the batch; a learned threshold at inference) or `jumprelu` (per-latent threshold, L0 penalty)."""
+    sparsity_coeff: float = 0.0
+    """Weight of the L1 (relu) or L0 (jumprelu) penalty."""
+    k: int = 0
+    """Latents kept per example (topk, batchtopk)."""
+    matryoshka: bool = False
+    """Also reconstruct from nested prefixes of the latents (MATRYOSHKA_FRACTIONS)."""
+    aux_k: int = 0
+    """AuxK (topk, batchtopk): dead latents used to model the residual; 0 turns it off."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired for this many training tokens counts as dead."""
+    normalize: bool = False
+    """Subtract the data mean and scale to mean squared norm d_vit; constants are stored."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+
+    def __post_init__(self):
+        kind = self.activation
+        if kind not in ACTIVATIONS:
+            raise ConfigError("activation", f"must be one of {list(ACTIVATIONS)}, got {kind!r}")
+        if self.d_vit < 1:
+            raise ConfigError("d_vit", f"must be at least 1, got {self.d_vit}")
+        if self.exp_factor < 1:
+            raise ConfigError("exp_factor", f"must be at least 1, got {self.exp_factor}")
+        if kind in TOP_K_KINDS and self.k < 1:
+            raise ConfigError("k", f"{kind} needs k >= 1, got {self.k}")
+        if kind in TOP_K_KINDS and self.k > self.d_sae:
+            raise ConfigError("k", f"{self.k} exceeds d_sae {self.d_sae}")
+        if kind not in TOP_K_KINDS and self.k:
+            raise ConfigError("k", f"applies to topk and batchtopk, not {kind}")
+        if self.aux_k and kind not in TOP_K_KINDS:
+            raise ConfigError("aux_k", f"applies to topk and batchtopk, not {kind}")
+        if not 0 <= self.aux_k <= self.d_sae:
+            raise ConfigError("aux_k", f"{self.aux_k} is not in 0..d_sae {self.d_sae}")
+        if self.sparsity_coeff < 0:
+            raise ConfigError("sparsity_coeff", f"must be >= 0, got {self.sparsity_coeff}")
+        if self.sparsity_coeff and kind not in PENALTY_KINDS:
+            raise ConfigError("sparsity_coeff", f"applies to relu and jumprelu, not {kind}")
+        if self.aux_coeff < 0:
+            raise ConfigError("aux_coeff", f"must be >= 0, got {self.aux_coeff}")
+        if self.dead_tokens < 1:
+            raise ConfigError("dead_tokens", f"must be at least 1, got {self.dead_tokens}")
+
+    @property
+    def d_sae(self) -> int:
+        return self.d_vit * self.exp_factor
+
+    @property
+    def prefixes(self) -> list[int]:
+        """Latent counts whose reconstructions are trained (only d_sae without matryoshka)."""
+        if not self.matryoshka:
+            return [self.d_sae]
+        return sorted({max(1, int(self.d_sae * frac)) for frac in MATRYOSHKA_FRACTIONS})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The data stream and optimisation of one SAE."""
+
+    layer: int
+    """Recorded layer to train on."""
+    n_train: int
+    """Training budget in token vectors."""
+    batch_size: int
+    """Token vectors per step."""
+    lr: float
+    """Adam learning rate."""
+    tokens: str = "patches"
+    """Which token vectors: `patches`, `cls` or `all`."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    seed: int = 0
+    """Seed of the data order and the initialisation."""
+    lr_schedule: str = "constant"
+    """After warm-up, `constant` or `cosine` decay to zero at the last step."""
+    sparsity_warmup_steps: int = 0
+    """Linear warm-up steps of the sparsity coefficient."""
+    normalize: bool = False
+    """Subtract the data mean and scale to mean squared norm d_vit (constants stored in sae.pt)."""
+
+    def __post_init__(self):
+        if self.tokens not in TOKENS:
+            raise ConfigError("tokens", f"must be one of {list(TOKENS)}, got {self.tokens!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError("lr_schedule", f"must be one of {list(LR_SCHEDULES)}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
+        if self.n_train < self.batch_size:
+            raise ConfigError(
+                "n_train", f"{self.n_train} is less than one batch ({self.batch_size} vectors)"
+            )
+        for name in ("warmup_steps", "sparsity_warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def n_steps(self) -> int:
+        return self.n_train // self.batch_size
+
+
+SAE_KEYS = tuple(f.name for f in dataclasses.fields(SaeConfig) if f.name != "d_vit")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+class SaeSpec(typing.NamedTuple):
+    """One SAE of a sweep as its training job sees it."""
+
+    sae: SaeConfig
+    train: TrainConfig
+
+
+def sae_spec(d_vit: int, flat: dict) -> SaeSpec:
+    """The typed SAE and training configs from one flat sweep point (as `sae.pt` headers and
+    group specs store it; `shards` names the training activations and is not checked here)."""
+    if unknown := sorted(set(flat) - set(SAE_KEYS) - set(TRAIN_KEYS) - {"shards"}):
+        raise ConfigError(unknown[0], "is not an SAE or training setting")
+    sae_values = {k: flat[k] for k in SAE_KEYS if k in flat}
+    return SaeSpec(
+        sae=SaeConfig(d_vit=d_vit, **sae_values),
+        train=TrainConfig(**{k: flat[k] for k in TRAIN_KEYS if k in flat}),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderConfig:
+    """Which latents the feature browser draws (see render.select_latents)."""
+
+    n_latents: int = 24
+    """Latents rendered per SAE, besides include_latents; the nearest fill up when too few pass."""
+    n_images: int = 16
+    """Top images shown per rendered latent (at most top_k)."""
+    seed: int = 0
+    """Seed of the random choice of latents."""
+    log10_freq_range: tuple[float, float] = (-6.0, -1.0)
+    """Render latents firing on between 10^min and 10^max of the tokens."""
+    log10_value_range: tuple[float, float] = (-3.0, 3.0)
+    """Render latents whose mean value when firing lies in 10^min to 10^max."""
+    include_latents: tuple[int, ...] = ()
+    """Latents always rendered (if they fired), whatever the filters."""
+
+    def __post_init__(self):
+        for name in ("log10_freq_range", "log10_value_range", "include_latents"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # YAML gives lists
+        for name in ("log10_freq_range", "log10_value_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ConfigError(name, f"min {lo} is above max {hi}")
+        for name in ("n_latents", "n_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "log10_freq_range": list(self.log10_freq_range),
+            "log10_value_range": list(self.log10_value_range),
+            "include_latents": list(self.include_latents),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A sweep's settings besides its `train` and `saes` grids."""
+
+    train_activations: str
+    """Activation dump to train on (a key of `activations`)."""
+    eval_activations: str | None = None
+    """Held-out activation dump to evaluate on; None: the training one."""
+    max_saes_per_group: int = 16
+    """Largest number of SAEs trained in one job; bigger groups are split."""
+    checkpoint_every: int = 1000
+    """Training steps between checkpoints of a group job (0: none); not part of any id."""
+    wandb_project: str | None = None
+    """Also log training to this Weights & Biases project; None: off. Not part of any id."""
+    top_k: int = 16
+    """Images kept per latent by the top-k pass."""
+    percentile: float = 99.0
+    """Percentile of each latent's values when it fires, estimated in the top-k pass."""
+    render: RenderConfig = RenderConfig()
+    """What the feature browser shows."""
+
+    def __post_init__(self):
+        if not 1 <= self.max_saes_per_group <= 1024:
+            raise ConfigError(
+                "max_saes_per_group", f"must be in 1..1024, got {self.max_saes_per_group}"
+            )
+        if self.checkpoint_every < 0:
+            raise ConfigError("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        if self.top_k < 1:
+            raise ConfigError("top_k", f"must be at least 1, got {self.top_k}")
+        if not 0 < self.percentile <= 100:
+            raise ConfigError("percentile", f"must be in (0, 100], got {self.percentile}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A vision transformer and the shape of its residual stream (checked at dump time)."""
+
+    family: str
+    """`tiny`, `clip`, `siglip` or `dinov2`."""
+    ckpt: str
+    """Checkpoint within the family, e.g. `ViT-B-16/openai`."""
+    d_vit: int
+    """Residual-stream width."""
+    n_patches_per_img: int
+    """Patch tokens per image, without [CLS]."""
+    cls_token: bool
+    """Whether the model has a [CLS] token (stored first)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationsConfig:
+    """One activation dump: a model run over a dataset."""
+
+    model: str
+    """A key of `models`."""
+    dataset: str
+    """A key of `datasets`."""
+    layers: tuple[int, ...]
+    """Residual blocks to record; negative indices count from the end."""
+    max_patches_per_shard: int = 2_400_000
+    """Token vectors per shard file (across layers); decides images per shard."""
+    batch_size: int = 64
+    """Images per forward pass (speed only)."""
+    n_workers: int = 0
+    """DataLoader worker processes for decoding (speed only)."""
+    n_parts: int = 1
+    """Jobs the dump is split into (speed only: the bytes and the hash do not depend on it)."""
+
+    def __post_init__(self):
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError("layers", f"lists a layer twice: {list(self.layers)}")
+        for name in ("batch_size", "n_parts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkflowConfig:
+    """The top-level settings of `experiments.yaml` besides its four tables."""
+
+    shards_dpath: str = "results/shards"
+    """Where shard directories go (<shards_dpath>/<metadata hash>/)."""
+    device: str = "auto"
+    """Torch device for the GPU-able steps; `auto` picks CUDA when present."""
