@@ -1,15 +1,21 @@
 """saev-snakemake: ViT activations -> SAE sweeps -> metrics -> top-k images -> feature browser.
 
-Run `snakemake --profile profiles/local all` (or `make run`); see README.md. The config is checked
-against workflow/schemas/experiments.schema.yaml and planned in workflow/rules/common.smk.
+Run `snakemake --profile profiles/local all` (or `make run`); see README.md. The config is
+config/experiments.yaml, or the files given with --configfile instead, read strictly (duplicate
+keys and syntax errors name file and line), checked against workflow/schemas/ and planned in
+workflow/rules/common.smk.
 """
 
 from snakemake.utils import min_version
 
+from saev_core import config_files
+
 min_version("9.0")
 
-
-configfile: "config/experiments.yaml"
+try:
+    CONFIG_FPATHS = config_files.load_workflow_config(config, workflow)
+except config_files.ConfigFileError as err:
+    raise WorkflowError(str(err)) from None
 
 
 report: "workflow/report/workflow.rst"

@@ -13,6 +13,10 @@ memory traffic caps the ratio near 0.5 (measured ~0.45: raw ~6 GB/s, loader ~2.7
 
     python benchmarks/loader.py [--mb 1024] [--batch-size 4096] [--epochs 3] [--repeats 5]
 
+It also times the per-block NaN/inf check the ordered loader (evaluation, top-k) runs over the
+same bytes, as a share of a shuffled-loader epoch: too dear for the training hot path, which
+checks the loss instead (see `loaders.ShuffledLoader`).
+
 The last line is `BENCH loader_vs_raw=<ratio> target>=0.8`.
 """
 
@@ -22,6 +26,7 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 from random_shards import write_random_shards
 
@@ -54,6 +59,19 @@ def loader_s(
     return time.perf_counter() - t0, n_batches * batch_size * D_VIT * 4
 
 
+def check_s(reader: shards.ShardReader) -> float:
+    """Seconds of `BlockReader.check_finite` over every block, each just read (as in a loader)."""
+    blocks = loaders.BlockReader(reader, -1, "all", loaders.BLOCK_BYTES)
+    elapsed_s = 0.0
+    for block in blocks.blocks:
+        out_ND = np.empty((blocks.n_block_vectors(block), D_VIT), np.float32)
+        blocks.read_into(block, out_ND, check=False)
+        t0 = time.perf_counter()
+        blocks.check_finite(block, out_ND)
+        elapsed_s += time.perf_counter() - t0
+    return elapsed_s
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mb", type=int, default=1024, help="size of the shard directory")
@@ -68,17 +86,20 @@ def main():
         reader = write_random_shards(pathlib.Path(tmp), n_imgs, D_VIT, N_TOKENS, 256)
         nbytes = reader.metadata.n_shards * reader.metadata.shard_nbytes
         raw_read_s(reader)  # warm the page cache
-        raw_mbs, loader_mbs = [], []
+        raw_mbs, loader_mbs, check_shares = [], [], []
         for repeat in range(args.repeats):
             raw_s = sum(raw_read_s(reader) for _ in range(args.epochs))
             raw_mbs.append(nbytes * args.epochs / raw_s / 2**20)
             seconds, loader_bytes = loader_s(reader, args.batch_size, args.epochs, seed=repeat)
             loader_mbs.append(loader_bytes / seconds / 2**20)
+            check_shares.append(check_s(reader) * args.epochs / seconds)
 
     ratios = [loader / raw for raw, loader in zip(raw_mbs, loader_mbs, strict=True)]
     print(f"{nbytes / 2**20:.0f} MB x {args.epochs} epochs, batch {args.batch_size}")
     print(f"raw sequential read MB/s: {', '.join(f'{v:.0f}' for v in raw_mbs)}")
     print(f"shuffled loader MB/s:     {', '.join(f'{v:.0f}' for v in loader_mbs)}")
+    share = 100 * statistics.median(check_shares)
+    print(f"a per-block NaN/inf check would add {share:.1f} % to the shuffled loader's time")
     print(f"BENCH loader_vs_raw={statistics.median(ratios):.3f} target>=0.8")
 
 

@@ -95,14 +95,15 @@ def evaluate(
     total_var = (sum_xx_D - sum_x_D.pow(2) / n).sum().item()
     freq_F = fires_F / n
     mean_value_F = torch.where(fires_F > 0, sums_F / fires_F.clamp(min=1), 0.0)
+    nmse = sq_err / total_var if total_var > 0 else None  # constant inputs: undefined
     metrics = {
         "n_vectors": n,
         "d_sae": d_sae,
         "l0": l0 / n,
         "l1": l1 / n,
         "mse": sq_err / (n * d_vit),
-        "normalized_mse": sq_err / total_var,
-        "explained_variance": 1.0 - sq_err / total_var,
+        "normalized_mse": nmse,
+        "explained_variance": None if nmse is None else 1.0 - nmse,
         "n_dead": int((fires_F == 0).sum()),
         "n_almost_dead": int((freq_F < ALMOST_DEAD_FREQ).sum()),
         "n_dense": int((freq_F > DENSE_FREQ).sum()),
@@ -177,6 +178,13 @@ def plot_histograms(result: Evaluation, title: str, out_fpath: pathlib.Path):
     plt.close(fig)
 
 
+def finite_or_null(metrics: dict) -> dict:
+    """NaN and infinity are not JSON: a metric that is not a finite number is written as null."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()
+    }
+
+
 def write(result: Evaluation, title: str, out_dpath: pathlib.Path):
     """Every output atomically; `metrics.json` last."""
     out_dpath.mkdir(parents=True, exist_ok=True)
@@ -191,7 +199,7 @@ def write(result: Evaluation, title: str, out_dpath: pathlib.Path):
     shards.write_atomic(out_dpath / "concepts.csv", concepts_csv(best, with_rank=False).encode())
     candidates_csv = concepts_csv(result.concepts, with_rank=True)
     shards.write_atomic(out_dpath / "concept_candidates.csv", candidates_csv.encode())
-    metrics_json = json.dumps(result.metrics, indent=2) + "\n"
+    metrics_json = json.dumps(finite_or_null(result.metrics), indent=2, allow_nan=False) + "\n"
     shards.write_atomic(out_dpath / "metrics.json", metrics_json.encode())
 
 

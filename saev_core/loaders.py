@@ -17,7 +17,7 @@ import typing
 import numpy as np
 import torch
 
-from .shards import ShardReader, shard_fname
+from .shards import ShardReader, nonfinite_error, shard_fname
 
 BLOCK_BYTES = 16 << 20
 """Bytes of one contiguous read: large enough for full disk bandwidth."""
@@ -46,7 +46,9 @@ class BlockReader:
     def __init__(self, reader: ShardReader, layer: int, tokens: str, block_bytes: int):
         md = reader.metadata
         self.reader = reader
+        self.layer = layer
         self.layer_i = md.layer_index(layer)
+        self.imgs_per_shard = md.n_imgs_per_shard
         self.tokens = reader.token_slice(tokens)
         self.d_vit = md.d_vit
         self.n_tokens = len(range(md.n_tokens)[self.tokens])
@@ -67,18 +69,36 @@ class BlockReader:
     def n_block_vectors(self, block: Block) -> int:
         return (block.stop - block.start) * self.n_tokens
 
-    def read_into(self, block: Block, out_ND: np.ndarray):
-        """Copy a block's vectors (image-major, token-minor) into `out_ND`: the one disk read."""
+    def read_into(self, block: Block, out_ND: np.ndarray, check: bool = True):
+        """Copy a block's vectors (image-major, token-minor) into `out_ND`: the one disk read.
+        With `check`, non-finite values (bit rot, a bad copy) stop here, naming the shard file
+        and image."""
         n_imgs = block.stop - block.start
         if self.contiguous:
             self._pread(block, out_ND.reshape(-1).view(np.uint8))
+        else:
+            raw = self._scratch[: n_imgs * self.img_nbytes]
+            self._pread(block, raw)
+            rows_NLTD = raw.view("<f4").reshape(n_imgs, *self.img_shape)
+            out_ND.reshape(n_imgs, self.n_tokens, self.d_vit)[:] = rows_NLTD[
+                :, self.layer_i, self.tokens
+            ]
+        if check:
+            self.check_finite(block, out_ND)
+
+    def check_finite(self, block: Block, out_ND: np.ndarray):
+        """One vectorised summing pass (NaN and inf survive a sum; torch's sum runs several
+        times faster than numpy's) while the block is in cache; only a non-finite sum (or an
+        overflow of huge finite values) pays for the exact search."""
+        if torch.isfinite(torch.from_numpy(out_ND).sum()):
             return
-        raw = self._scratch[: n_imgs * self.img_nbytes]
-        self._pread(block, raw)
-        rows_NLTD = raw.view("<f4").reshape(n_imgs, *self.img_shape)
-        out_ND.reshape(n_imgs, self.n_tokens, self.d_vit)[:] = rows_NLTD[
-            :, self.layer_i, self.tokens
-        ]
+        bad_rows = np.flatnonzero(~np.isfinite(out_ND.reshape(-1, self.d_vit)).all(axis=1))
+        if len(bad_rows) == 0:
+            return
+        row = block.start + int(bad_rows[0]) // self.n_tokens
+        img = block.shard_i * self.imgs_per_shard + row
+        fpath = self.reader.dpath / shard_fname(block.shard_i)
+        raise nonfinite_error(fpath, img, row, self.layer)
 
     def _pread(self, block: Block, out: np.ndarray):
         fpath = self.reader.dpath / shard_fname(block.shard_i)
@@ -105,6 +125,11 @@ class ShuffledLoader:
     `state_dict()` after a batch and `load_state_dict()` on a fresh loader continue with exactly
     the next batch: the state is the random generator, epoch order and carried vectors at the
     start of the current buffer, plus how many of its batches were delivered.
+
+    Blocks are not checked for NaN or inf as they stream: on this machine's CPU that pass cost
+    ~30 % of the loader's time (`benchmarks/loader.py`). Non-finite vectors make the training loss
+    non-finite, which the training job checks every step; it then calls `find_nonfinite`, which
+    re-reads the batch's blocks with the check and names the shard file and image.
     """
 
     def __init__(
@@ -133,6 +158,8 @@ class ShuffledLoader:
         self.position: dict | None = None
         """Where the last delivered batch came from; None before the first."""
         self._resume_from: dict | None = None
+        self._recent_blocks: tuple[list[int], list[int]] = ([], [])
+        """Blocks of the current buffer and of the one before (whose leftovers it carries)."""
 
     def __len__(self) -> int:
         return self.n_steps
@@ -163,6 +190,7 @@ class ShuffledLoader:
                 if isinstance(item, BaseException):
                     raise item
                 buffer_ND, order_N, state = item
+                self._recent_blocks = (state["blocks"], self._recent_blocks[0])
                 for b in range(skip, len(order_N) // self.batch_size):
                     self.position = {**state, "offset": b + 1}
                     lo = b * self.batch_size
@@ -178,6 +206,17 @@ class ShuffledLoader:
                     buffers.get(timeout=0.1)
                 except queue.Empty:
                     pass
+
+    def find_nonfinite(self):
+        """Read, with the finiteness check, the blocks the last batch came from and then every
+        other block: raises `ShardError` naming the shard file and image of the first non-finite
+        vector; returns if there is none."""
+        recent = list(dict.fromkeys(self._recent_blocks[0] + self._recent_blocks[1]))
+        rest = [i for i in range(len(self.blocks.blocks)) if i not in set(recent)]
+        for block_i in recent + rest:
+            block = self.blocks.blocks[block_i]
+            out_ND = np.empty((self.blocks.n_block_vectors(block), self.blocks.d_vit), np.float32)
+            self.blocks.read_into(block, out_ND, check=True)
 
     def _fill(self, buffers: queue.Queue, stop: threading.Event, start: dict | None):
         """Producer: (buffer, order, state) triples whose orders hold whole batches only."""
@@ -224,10 +263,11 @@ class ShuffledLoader:
             }
             if next_i == len(order):  # a new epoch
                 order, next_i = torch.randperm(len(self.blocks.blocks), generator=gen), 0
-            chosen = []
+            chosen, chosen_i = [], []
             n_vectors = len(carry_ND)
             while next_i < len(order) and n_vectors < self.buffer_vectors:
-                chosen.append(self.blocks.blocks[int(order[next_i])])
+                chosen_i.append(int(order[next_i]))
+                chosen.append(self.blocks.blocks[chosen_i[-1]])
                 n_vectors += self.blocks.n_block_vectors(chosen[-1])
                 next_i += 1
             buffer_ND = ring[n_filled % len(ring)][:n_vectors]
@@ -236,12 +276,12 @@ class ShuffledLoader:
             lo = len(carry_ND)
             for block in chosen:
                 hi = lo + self.blocks.n_block_vectors(block)
-                self.blocks.read_into(block, buffer_ND[lo:hi].numpy())
+                self.blocks.read_into(block, buffer_ND[lo:hi].numpy(), check=False)
                 lo = hi
             perm_N = torch.randperm(n_vectors, generator=gen)
             n_full = n_vectors // B * B
             carry_ND = buffer_ND[perm_N[n_full:]]
-            yield buffer_ND, perm_N[:n_full], state
+            yield buffer_ND, perm_N[:n_full], {**state, "blocks": chosen_i}
             step += n_full // B
 
 

@@ -179,8 +179,26 @@ def resolve_dataset(name: str, cfg: dict) -> dict:
     return dict(cfg)
 
 
+def scan_dataset(dataset_cfg: dict, rescan: bool) -> datasets.FolderScan:
+    """A folder dataset's image count and file fingerprint. Snakemake's main process scans (a
+    stat per file) and caches the result under results/.cache/; the jobs it starts plan again and
+    read the cache instead (`rescan=False`), so they agree with it on every shard hash."""
+    key = short_hash({k: v for k, v in dataset_cfg.items() if k in ("kind", "root", "split")})
+    cache_fpath = pathlib.Path(RESULTS_DPATH) / ".cache" / "datasets" / f"{key}.json"
+    if not rescan and cache_fpath.exists():
+        return datasets.FolderScan(**json.loads(cache_fpath.read_text()))
+    scan = datasets.scan_folder_dataset(dataset_cfg)
+    cache_fpath.parent.mkdir(parents=True, exist_ok=True)
+    shards.write_atomic(cache_fpath, json.dumps(scan._asdict()).encode(), sync=False)
+    return scan
+
+
 def shard_metadata(
-    spec_name: str, spec: config.ActivationsConfig, models: dict, dataset_cfgs: dict
+    spec_name: str,
+    spec: config.ActivationsConfig,
+    models: dict,
+    dataset_cfgs: dict,
+    rescan: bool = True,
 ) -> shards.Metadata:
     where = f"activations.{spec_name}"
     model_cfg = lookup(models, spec.model, f"{where}.model")
@@ -191,6 +209,11 @@ def shard_metadata(
         data["root"] = dataset_cfg["root"]
     has_masks = dataset_cfg["kind"] in datasets.KINDS_WITH_MASKS
     try:
+        if dataset_cfg["kind"] in datasets.FOLDER_KINDS:
+            scan = scan_dataset(dataset_cfg, rescan)
+            n_imgs, data["fingerprint"] = scan.n_imgs, scan.fingerprint
+        else:
+            n_imgs = datasets.count_images(dataset_cfg)
         return shards.Metadata(
             vit_family=model.family,
             vit_ckpt=model.ckpt,
@@ -198,7 +221,7 @@ def shard_metadata(
             n_patches_per_img=model.n_patches_per_img,
             cls_token=model.cls_token,
             d_vit=model.d_vit,
-            n_imgs=datasets.count_images(dataset_cfg),
+            n_imgs=n_imgs,
             max_patches_per_shard=spec.max_patches_per_shard,
             data={**data, "__class__": dataset_cfg["kind"]},
             protocol=shards.PROTOCOL_WITH_LABELS if has_masks else shards.PROTOCOL,
@@ -353,10 +376,11 @@ def sae_labels(saes: dict[str, dict]) -> dict[str, str]:
 
 
 def load_config(fpath: pathlib.Path) -> dict:
-    """Read an experiments YAML and validate it, filling the schema's defaults, as Snakemake does."""
-    import yaml
+    """Read an experiments YAML (strictly) and validate it, filling the schema's defaults, as the
+    workflow does."""
+    from . import config_files
 
-    config_dct = yaml.safe_load(pathlib.Path(fpath).read_text())
+    config_dct = config_files.read(fpath)
     try:
         validate_config(config_dct)
     except PlanError as err:
@@ -381,8 +405,10 @@ def validate_config(config_dct: dict):
     validate(config_dct, str(SCHEMA_FPATH))
 
 
-def make_plan(config_dct: dict) -> Plan:
-    """Everything the workflow needs to know about jobs, from a config `validate_config` checked."""
+def make_plan(config_dct: dict, rescan: bool = True) -> Plan:
+    """Everything the workflow needs to know about jobs, from a config `validate_config` checked.
+
+    `rescan=False` (in jobs Snakemake starts) reuses the folder datasets' cached scans."""
     top = {k: config_dct[k] for k in ("shards_dpath", "device") if k in config_dct}
     workflow = typed(config.WorkflowConfig, top, "config")
     dataset_cfgs = {
@@ -394,7 +420,7 @@ def make_plan(config_dct: dict) -> Plan:
         spec = typed(
             config.ActivationsConfig, {**spec_cfg, "layers": tuple(spec_cfg["layers"])}, where
         )
-        metadata = shard_metadata(spec_name, spec, config_dct["models"], dataset_cfgs)
+        metadata = shard_metadata(spec_name, spec, config_dct["models"], dataset_cfgs, rescan)
         if spec.n_parts > metadata.n_shards:
             raise PlanError(
                 f"{where}.n_parts: {spec.n_parts} parts cannot split "

@@ -115,13 +115,10 @@ def patch_heatmaps(
     model: sae.SparseAutoencoder, reader: shards.ShardReader, layer: int, img_indices: list[int]
 ) -> dict[int, np.ndarray]:
     """(P, F) latent activations on each image's patch tokens, recomputed from the shards."""
-    layer_i = reader.metadata.layer_index(layer)
-    patches = reader.token_slice("patches")
     device = model.b_dec.device
     maps = {}
     for i in img_indices:
-        shard_i, row = reader.locate(i)
-        x_PD = np.array(reader.shard(shard_i)[row, layer_i, patches])
+        x_PD = reader.image_tokens(i, layer, "patches")
         maps[i] = model.encode(torch.from_numpy(x_PD).to(device)).cpu().numpy()
     return maps
 

@@ -314,9 +314,26 @@ class SparseAutoencoder(torch.nn.Module):
         return {name: value[0] for name, value in stack_state(self.stack).items() if name in keys}
 
     def load_state_dict(self, state: dict, strict: bool = True):
+        """Copy tensors in; each must have exactly its shape (no broadcasting) and be finite."""
         expected = single_keys(self.cfg)
         if strict and set(state) != expected:
-            raise ValueError(f"SAE state must have exactly {sorted(expected)}, got {sorted(state)}")
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(
+                f"SAE state must have exactly {sorted(expected)}; missing {missing}, "
+                f"unexpected {extra}"
+            )
+        shapes = self.state_dict()
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"tensor {name!r} is a {type(value).__name__}, not a tensor")
+            want = tuple(shapes[name].shape)
+            if tuple(value.shape) != want:
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(value.shape)}, expected {want} "
+                    f"(d_vit {self.cfg.d_vit}, d_sae {self.cfg.d_sae})"
+                )
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"tensor {name!r} holds NaN or infinite values")
         with torch.no_grad():
             for name, value in state.items():
                 getattr(self.stack, name)[0].copy_(value)
@@ -382,17 +399,16 @@ def save(fpath: pathlib.Path, model: SparseAutoencoder, **extra):
 
 def load(fpath: pathlib.Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """Load a checkpoint in the saev layout (ours, or saev's schema-1 ReLU SAEs)."""
-    with open(fpath, "rb") as fd:
-        header = json.loads(fd.readline().decode())
-        if header.get("schema") != SCHEMA:
-            raise ValueError(
-                f"{fpath}: checkpoint schema must be {SCHEMA}, got {header.get('schema')!r}"
-            )
-        if header.get("cls") != "SparseAutoencoder":
-            raise ValueError(f"{fpath}: unknown checkpoint class {header.get('cls')!r}")
-        state = torch.load(io.BytesIO(fd.read()), weights_only=True, map_location="cpu")
+    header = checkpoints.read_header(fpath)  # checked before the weights are read
+    if header.get("schema") != SCHEMA:
+        raise ValueError(
+            f"{fpath}: checkpoint schema must be {SCHEMA}, got {header.get('schema')!r}"
+        )
+    if header.get("cls") != "SparseAutoencoder":
+        raise ValueError(f"{fpath}: unknown checkpoint class {header.get('cls')!r}")
     fields = {f.name for f in dataclasses.fields(SaeConfig)}
     cfg = SaeConfig(**{k: v for k, v in header["cfg"].items() if k in fields})
+    _, state = checkpoints.read(fpath)
     model = SparseAutoencoder(cfg)
     try:
         model.load_state_dict(state)

@@ -141,6 +141,15 @@ def metadata_hash(metadata: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def nonfinite_error(fpath: pathlib.Path, img: int, row: int, layer: int) -> ShardError:
+    """What every reader says when a shard holds NaN or infinite activations."""
+    return ShardError(
+        f"{fpath}: NaN or infinite activations for image index {img} (row {row} of the shard, "
+        f"layer {layer}). The file is damaged (bit rot, a bad copy): delete the shard directory "
+        "and rerun `snakemake` to dump it again"
+    )
+
+
 def shard_fname(shard_i: int) -> str:
     return f"acts{shard_i:06d}.bin"
 
@@ -154,11 +163,15 @@ def write_atomic(fpath: pathlib.Path, data: bytes, sync: bool = True):
     """Write to a temporary sibling, flush to disk (unless `sync` is off, for small files that
     are cheap to redo), then rename: readers never see half a file."""
     tmp_fpath = tmp_sibling(fpath)
-    with open(tmp_fpath, "wb") as fd:
-        fd.write(data)
-        if sync:
-            fd.flush()
-            os.fsync(fd.fileno())
+    try:
+        with open(tmp_fpath, "wb") as fd:
+            fd.write(data)
+            if sync:
+                fd.flush()
+                os.fsync(fd.fileno())
+    except OSError as err:
+        tmp_fpath.unlink(missing_ok=True)
+        raise OSError(err.errno, f"{err.strerror}: cannot write {fpath}") from None
     os.replace(tmp_fpath, fpath)
 
 
@@ -204,14 +217,31 @@ class ShardWriter:
         """A zero-filled, writable (S, L, T, D) map of shard `shard_i`'s temporary file.
 
         Rows written to it go to the page cache at memcpy speed; the kernel writes them back
-        while the model runs. Stale temporary files of this shard (a killed writer) go first.
+        while the model runs. The file's blocks are reserved first, so a full disk stops the dump
+        here with "No space left on device" and the path, never as a SIGBUS while writing into
+        the map. Stale temporary files of this shard (a killed writer) go first.
         """
         fpath = self.dpath / shard_fname(shard_i)
         for stale_fpath in self.dpath.glob(f".{fpath.name}.*.tmp"):
             stale_fpath.unlink()
-        return np.memmap(
-            tmp_sibling(fpath), dtype="<f4", mode="w+", shape=self.metadata.shard_shape
-        )
+        tmp_fpath = tmp_sibling(fpath)
+        nbytes = self.metadata.shard_nbytes
+        with open(tmp_fpath, "wb") as fd:
+            try:
+                if hasattr(os, "posix_fallocate"):  # not on macOS: there the file stays sparse
+                    os.posix_fallocate(fd.fileno(), 0, nbytes)
+                else:
+                    fd.truncate(nbytes)
+            except OSError as err:
+                fd.close()
+                tmp_fpath.unlink(missing_ok=True)
+                raise OSError(
+                    err.errno,
+                    f"{err.strerror}: cannot reserve {nbytes} bytes for {fpath} (shard "
+                    f"{shard_i}). Free space there (or move shards_dpath) and rerun: the dump "
+                    "resumes after its last complete shard",
+                ) from None
+        return np.memmap(tmp_fpath, dtype="<f4", mode="r+", shape=self.metadata.shard_shape)
 
     def finish_shard(self, shard_i: int, acts_SLTD: np.memmap):
         """Flush a shard opened with `open_shard` to disk and give it its final name."""
@@ -316,6 +346,15 @@ class ShardReader:
                 shape=self.metadata.shard_shape,
             )
         return self._mmaps[shard_i]
+
+    def image_tokens(self, i: int, layer: int, tokens: str) -> np.ndarray:
+        """Image `i`'s vectors of one layer and token kind, (T, D), checked to be finite."""
+        shard_i, row = self.locate(i)
+        layer_i, token_slice = self.metadata.layer_index(layer), self.token_slice(tokens)
+        x_TD = np.array(self.shard(shard_i)[row, layer_i, token_slice])
+        if not np.isfinite(x_TD).all():
+            raise nonfinite_error(self.dpath / shard_fname(shard_i), i, row, layer)
+        return x_TD
 
     def token_slice(self, tokens: str) -> slice:
         """Which stored tokens a token kind selects: `patches`, `cls` or `all`."""

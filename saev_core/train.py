@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -26,6 +27,7 @@ import torch
 from . import config, helpers, loaders, sae, shards, tracking
 
 logger = logging.getLogger("train")
+LOCK_FNAME = "lock"
 LOG_FIELDS = ("step", "loss", "mse", "l0", "l1", "aux", "lr", "sparsity_coeff", "dead_frac")
 CHECKPOINT_FNAME = "checkpoint.pt"
 
@@ -70,6 +72,10 @@ class StackedAdam:
             mine.copy_(saved)
 
 
+class NonFiniteLoss(FloatingPointError):
+    """An SAE's loss became NaN or infinite."""
+
+
 class Stack:
     """The group's SAEs of one activation and width: a `StackedSaes`, its optimiser and per-SAE
     schedules."""
@@ -105,6 +111,10 @@ class Stack:
             self.model.init_from_batch(x_BD)
         lr_M, scale_M = self.lr(step), self.sparsity_scale(step)
         losses = self.model.loss(x_BD, scale_M)
+        nonfinite_M = ~torch.isfinite(losses.loss)
+        if nonfinite_M.any():  # before the update: the weights stay as they were
+            bad = [self.sae_ids[m] for m in nonfinite_M.nonzero().flatten().tolist()]
+            raise NonFiniteLoss(f"SAE {', '.join(bad)}: non-finite loss at step {step}")
         self.optimizer.zero_grad()
         losses.loss.sum().backward()  # independent SAEs: each gets its own loss's gradient
         self.model.remove_parallel_grads()
@@ -143,11 +153,40 @@ def train_group(
 
     `checkpoint_every` > 0 writes a checkpoint to `work_dpath` every that many steps;
     `wandb_project` also sends the logs to Weights & Biases (one run, named after `out_dpath`).
+    Only one job at a time trains a group: a second one (say, from a run started after
+    `snakemake --unlock` while the first was still going) refuses to start, naming the first,
+    and touches neither its checkpoint nor its output.
     """
+    out_dpath = pathlib.Path(out_dpath)
+    work_dpath = pathlib.Path(work_dpath or out_dpath.with_name(out_dpath.name + ".work"))
+    work_dpath.mkdir(parents=True, exist_ok=True)
+    with helpers.exclusive_lock(work_dpath / LOCK_FNAME, f"sweep group {out_dpath.name}"):
+        return train_locked(
+            group,
+            shards_dpath,
+            out_dpath,
+            work_dpath,
+            checkpoint_every=checkpoint_every,
+            device=device,
+            log_every=log_every,
+            wandb_project=wandb_project,
+        )
+
+
+def train_locked(
+    group: dict,
+    shards_dpath: pathlib.Path,
+    out_dpath: pathlib.Path,
+    work_dpath: pathlib.Path,
+    *,
+    checkpoint_every: int,
+    device: str,
+    log_every: int,
+    wandb_project: str | None,
+) -> dict[str, sae.SparseAutoencoder]:
+    """`train_group` once it holds the group's lock."""
     torch_device = helpers.pick_device(device)
     stream = group["stream"]
-    out_dpath = pathlib.Path(out_dpath)
-    work_dpath = pathlib.Path(work_dpath) if work_dpath else out_dpath / ".work"
     reader = shards.ShardReader(shards_dpath)
     batches = loaders.ShuffledLoader(
         reader,
@@ -171,7 +210,15 @@ def train_group(
             is_log_step = step % log_every == 0 or step == len(batches) - 1
             rows = {}
             for stack in stacks.values():
-                losses, lr_M, coeff_M = stack.step(x_BD, step)
+                try:
+                    losses, lr_M, coeff_M = stack.step(x_BD, step)
+                except NonFiniteLoss as err:
+                    batches.find_nonfinite()  # names the shard file and image if data is at fault
+                    raise NonFiniteLoss(
+                        f"{err}; the training activations are finite, so training diverged "
+                        "(lower `lr` or the sparsity coefficient). Nothing was written; the last "
+                        f"checkpoint stays in {work_dpath}"
+                    ) from None
                 if is_log_step:
                     rows |= log_rows(stack, step, losses, lr_M, coeff_M)
             if is_log_step:
@@ -197,13 +244,19 @@ def train_group(
         for stack in stacks.values()
         for m, sae_id in enumerate(stack.sae_ids)
     }
-    out_dpath.mkdir(parents=True, exist_ok=True)
+    # Written beside the output, then renamed into place: a half-written group never looks done.
+    tmp_dpath = shards.tmp_sibling(out_dpath)
+    shutil.rmtree(tmp_dpath, ignore_errors=True)
+    tmp_dpath.mkdir(parents=True)
     for sae_id, model in models.items():
-        (out_dpath / sae_id).mkdir(exist_ok=True)
-        shutil.copyfile(work_dpath / f"{sae_id}.csv", out_dpath / sae_id / "train_log.csv")
-        sae.save(out_dpath / sae_id / "sae.pt", model, train=group["saes"][sae_id])
+        (tmp_dpath / sae_id).mkdir()
+        shutil.copyfile(work_dpath / f"{sae_id}.csv", tmp_dpath / sae_id / "train_log.csv")
+        sae.save(tmp_dpath / sae_id / "sae.pt", model, train=group["saes"][sae_id])
     summary = {"stream": stream, "saes": sorted(saes), "steps": len(batches)}
-    (out_dpath / "group.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (tmp_dpath / "group.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out_dpath.exists():
+        shutil.rmtree(out_dpath)
+    os.replace(tmp_dpath, out_dpath)
     shutil.rmtree(work_dpath)
     return models
 
@@ -234,7 +287,13 @@ def resume(
     fpath = work_dpath / CHECKPOINT_FNAME
     if not fpath.exists():
         return 0
-    ckpt = torch.load(fpath, weights_only=False)
+    try:
+        ckpt = torch.load(fpath, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"{fpath}: cannot read the training checkpoint ({type(err).__name__}: {err}); delete "
+            "it to start the group over"
+        ) from None
     if ckpt["group"] != group:
         logger.warning("%s belongs to another configuration; starting over", fpath)
         return 0

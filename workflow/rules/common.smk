@@ -5,12 +5,11 @@ import shlex
 
 from saev_core import plan as saev_plan
 
-CONFIG_SOURCE = (
-    ", ".join(map(str, workflow.overwrite_configfiles)) or "config/experiments.yaml"
-)
+CONFIG_SOURCE = ", ".join(CONFIG_FPATHS)
 try:
     saev_plan.validate_config(config)
-    PLAN = saev_plan.make_plan(config)
+    # Jobs plan again inside themselves; they reuse the main process's dataset scans.
+    PLAN = saev_plan.make_plan(config, rescan=workflow.is_main_process)
 except saev_plan.PlanError as err:
     raise WorkflowError(f"{CONFIG_SOURCE}: {err}") from None
 saev_plan.write_specs(PLAN)

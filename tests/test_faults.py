@@ -1,0 +1,323 @@
+"""Nothing silently wrong, nothing lost: one test per fault a user meets (issue 17's table).
+
+Non-finite activations, images changed in place, duplicate config keys and syntax errors,
+damaged checkpoints, undecodable images, a full disk and two jobs for one group: each is rejected
+with a message that names the culprit, and nothing complete is lost.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import group_spec, tiny_metadata
+
+from saev_core import datasets, dump, evaluate, plan, render, sae, shards, topk, train
+
+REPO = pathlib.Path(__file__).parent.parent
+TINY_CONFIG_FPATH = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
+
+
+def poisoned_copy(shards_dpath: pathlib.Path, tmp_path: pathlib.Path, img: int) -> pathlib.Path:
+    """A copy of the fixture shards with 10 NaN floats in image `img`'s last-layer patches (bit
+    rot: the file sizes and metadata stay valid)."""
+    copy = tmp_path / shards_dpath.name
+    shutil.copytree(shards_dpath, copy)
+    reader = shards.ShardReader(copy)
+    shard_i, row = reader.locate(img)
+    acts = np.memmap(
+        copy / shards.shard_fname(shard_i), "<f4", "r+", shape=reader.metadata.shard_shape
+    )
+    acts[row, -1, 5, :10] = np.nan
+    acts.flush()
+    return copy
+
+
+def test_nan_in_a_training_shard_stops_training_naming_file_and_image(shards_dpath, tmp_path):
+    poisoned = poisoned_copy(shards_dpath, tmp_path, img=20)  # shard 1, row 4
+    spec = group_spec(relu={"activation": "relu", "sparsity_coeff": 0.01})
+    out_dpath = tmp_path / "group"
+    with pytest.raises(shards.ShardError) as err:
+        train.train_group(spec, poisoned, out_dpath, checkpoint_every=1, device="cpu")
+    assert "acts000001.bin: NaN or infinite activations for image index 20 (row 4" in str(err.value)
+    assert not out_dpath.exists()  # nothing that looks finished
+
+
+def test_divergence_stops_at_the_first_non_finite_loss_keeping_the_checkpoint(
+    shards_dpath, tmp_path
+):
+    spec = group_spec(relu={"activation": "relu", "sparsity_coeff": 0.01})
+    spec["saes"]["relu"]["lr"] = 1e12
+    out_dpath, work_dpath = tmp_path / "group", tmp_path / "work"
+    with pytest.raises(FloatingPointError, match=r"SAE relu: non-finite loss at step \d+; the "):
+        train.train_group(
+            spec, shards_dpath, out_dpath, work_dpath=work_dpath, checkpoint_every=1, device="cpu"
+        )
+    assert not out_dpath.exists()
+    ckpt = torch.load(work_dpath / train.CHECKPOINT_FNAME, weights_only=True)
+    weights = ckpt["stacks"]["relu-x4"]["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_nan_in_the_eval_shard_is_named_by_evaluate_topk_and_render(
+    shards_dpath, trained_dpath, dataset_cfg, tmp_path
+):
+    poisoned = shards.ShardReader(poisoned_copy(shards_dpath, tmp_path, img=33))
+    model, _ = sae.load_trained(trained_dpath / "topk" / "sae.pt")
+    expected = r"acts000002.bin: NaN or infinite activations for image index 33 \(row 1"
+    with pytest.raises(shards.ShardError, match=expected):
+        evaluate.evaluate(model, poisoned, -1, "patches", datasets.load(dataset_cfg).classes)
+    with pytest.raises(shards.ShardError, match=expected):
+        topk.top_k(model, poisoned, -1, "patches", k=4)
+    with pytest.raises(shards.ShardError, match=expected):
+        render.patch_heatmaps(model, poisoned, -1, [32, 33])
+
+
+def test_metrics_json_is_always_valid_json(shards_dpath, trained_dpath, tmp_path):
+    model, _ = sae.load_trained(trained_dpath / "relu" / "sae.pt")
+    result = evaluate.evaluate(model, shards.ShardReader(shards_dpath), -1, "patches")
+    broken = result._replace(metrics={**result.metrics, "mse": float("nan"), "l1": float("inf")})
+    evaluate.write(broken, "t", tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=None)
+    assert metrics["mse"] is None and metrics["l1"] is None
+    assert metrics["l0"] == result.metrics["l0"]
+
+
+def image_folder(root: pathlib.Path, n: int = 4) -> pathlib.Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        datasets.Image.fromarray(pixels).save(root / f"class{i % 2}" / f"{i}.png")
+    return root
+
+
+def folder_config(root: pathlib.Path) -> dict:
+    config = yaml.safe_load(TINY_CONFIG_FPATH.read_text())
+    config["datasets"] = {"photos": {"kind": "image-folder", "root": str(root)}}
+    config["activations"] = {
+        "photos": {
+            "model": "tiny",
+            "dataset": "photos",
+            "layers": [-1],
+            "max_patches_per_shard": 130,
+        }
+    }
+    config["sweeps"]["tiny-synthetic"].update(train_activations="photos")
+    config["sweeps"]["tiny-synthetic"].pop("eval_activations")
+    config["sweeps"]["tiny-synthetic"]["train"][0].update(layer=-1, batch_size=64, n_train=256)
+    return config
+
+
+def snakemake(workdir: pathlib.Path, config_fpath: pathlib.Path, *args: str):
+    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    argv = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+    argv += ["--directory", str(workdir), "--configfile", str(config_fpath), "--cores", "2"]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, env=env)
+
+
+def test_an_image_changed_in_place_makes_the_dump_stale(tmp_path):
+    root = image_folder(tmp_path / "photos")
+    config_fpath = tmp_path / "experiments.yaml"
+    config_fpath.write_text(yaml.safe_dump(folder_config(root)))
+
+    def shards_done() -> str:
+        shards_hash = plan.make_plan(plan.load_config(config_fpath)).activations["photos"]
+        return f"results/shards/{shards_hash}/shards.json"
+
+    before = shards_done()
+    assert snakemake(tmp_path, config_fpath, before).returncode == 0
+    assert "Nothing to be done" in snakemake(tmp_path, config_fpath, "-n", before).stdout
+
+    # Same name, same count: another picture.
+    datasets.Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "class1" / "1.png")
+    after = shards_done()
+    assert after != before
+    dry = snakemake(tmp_path, config_fpath, "-n", "all")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert f"output: {after.removesuffix('shards.json')}.dump-part0-of-1.done" in dry.stdout
+
+
+def dry_run_text(tmp_path: pathlib.Path, text: str) -> str:
+    config_fpath = tmp_path / f"my-{uuid.uuid4().hex[:6]}.yaml"
+    config_fpath.write_text(text)
+    result = snakemake(tmp_path, config_fpath, "-n")
+    assert result.returncode != 0
+    return result.stdout + result.stderr
+
+
+def test_duplicate_sweep_names_fail_naming_the_key_and_both_lines(tmp_path):
+    text = TINY_CONFIG_FPATH.read_text()
+    sweep = text[text.index("  tiny-synthetic:\n") :]  # the last table: it runs to the end
+    doubled = text + sweep.replace("checkpoint_every: 50", "checkpoint_every: 10")
+    first_line = text[: text.index(sweep)].count("\n") + 1
+    second_line = text.count("\n") + 1
+    output = dry_run_text(tmp_path, doubled)
+    expected = (
+        f":{second_line}:3: duplicate key 'tiny-synthetic' (first given at line {first_line})"
+    )
+    assert expected in output, output[-2000:]
+
+
+def test_yaml_syntax_errors_give_file_line_and_column(tmp_path):
+    config_fpath = tmp_path / "broken.yaml"
+    config_fpath.write_text("datasets:\n  a: [1, 2\nmodels: {}\n")
+    # Snakemake reads --configfile files itself first; the default file and this command are ours.
+    with pytest.raises(ValueError, match=r"broken.yaml:3:\d+: .*expected ',' or ']'"):
+        plan.load_config(config_fpath)
+    check = subprocess.run(
+        [sys.executable, "-m", "saev_core.config_files", str(config_fpath)],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 1 and "broken.yaml:3:" in check.stderr
+
+
+def test_errors_name_the_config_file_they_come_from(tmp_path):
+    config = yaml.safe_load(TINY_CONFIG_FPATH.read_text())
+    config["sweeps"]["tiny-synthetic"]["saes"][1]["k"] = 100000
+    output = dry_run_text(tmp_path, yaml.safe_dump(config))
+    assert "my-" in output and ".yaml: sweeps.tiny-synthetic.saes[1].k: 100000 exceeds" in output
+    assert "config/experiments.yaml" not in output
+
+
+@pytest.fixture()
+def ckpt_fpath(trained_dpath, tmp_path) -> pathlib.Path:
+    fpath = tmp_path / "sae.pt"
+    shutil.copy(trained_dpath / "topk" / "sae.pt", fpath)
+    return fpath
+
+
+def rewrite_tensors(fpath: pathlib.Path, **changes):
+    header, state = sae.checkpoints.read(fpath)
+    state.update(changes)
+    buffer = __import__("io").BytesIO()
+    torch.save(state, buffer)
+    fpath.write_bytes((json.dumps(header) + "\n").encode() + buffer.getvalue())
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (
+            lambda f: rewrite_tensors(f, W_enc=torch.zeros(64, 1)),
+            r"sae.pt: tensor 'W_enc' has shape \(64, 1\), expected \(64, 256\)",
+        ),
+        (
+            lambda f: rewrite_tensors(f, b_dec=torch.zeros(32)),
+            r"sae.pt: tensor 'b_dec' has shape \(32,\), expected \(64,\)",
+        ),
+        (
+            lambda f: rewrite_tensors(f, b_enc=torch.full((256,), float("nan"))),
+            r"sae.pt: tensor 'b_enc' holds NaN or infinite values",
+        ),
+        (
+            lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]),
+            r"sae.pt: cannot read the weights after the header .*truncated or damaged",
+        ),
+        (
+            lambda f: f.write_bytes(b"\x89garbage\n" + f.read_bytes()),
+            r"sae.pt: the first line is not a JSON header",
+        ),
+    ],
+    ids=["broadcastable", "another SAE's tensor", "nan", "truncated", "garbage header"],
+)
+def test_damaged_checkpoints_fail_naming_the_file_and_tensor(ckpt_fpath, damage, expected):
+    damage(ckpt_fpath)
+    with pytest.raises(ValueError, match=expected):
+        sae.load(ckpt_fpath)
+
+
+def test_a_truncated_jpeg_names_its_path_and_index(tmp_path):
+    root = image_folder(tmp_path / "photos")
+    jpeg = root / "class1" / "3.jpg"
+    datasets.Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])
+    dataset = datasets.load({"kind": "image-folder", "root": str(root)})
+    i = next(i for i, (fpath, _) in enumerate(dataset.samples) if fpath == jpeg)
+    with pytest.raises(
+        datasets.DatasetError, match=rf"{jpeg} \(dataset index {i}\): cannot decode"
+    ):
+        dataset.image(i)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root, as CI has); the test is skipped where it cannot be mounted."""
+    dpath = tmp_path / "disk"
+    dpath.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(dpath)])
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield dpath
+    subprocess.run(["umount", "-l", str(dpath)])
+
+
+def test_a_full_disk_says_no_space_left_and_the_dump_resumes(small_disk, dataset_cfg, tmp_path):
+    # 16 images per shard of 16 x 2 x 65 x 64 floats = 532 KiB: the second shard does not fit.
+    metadata = tiny_metadata()
+    with pytest.raises(OSError, match=r"No space left on device: cannot reserve .*acts00000\d.bin"):
+        dump.dump(metadata, dataset_cfg, small_disk, batch_size=16, device="cpu")
+    done = {p.name for p in (small_disk / metadata.hash).glob("acts*.bin")}
+    assert done == {"acts000000.bin"}  # finished shards stay; no half-written ones
+    shutil.copytree(small_disk / metadata.hash, tmp_path / "big" / metadata.hash)
+    resumed = dump.dump(metadata, dataset_cfg, tmp_path / "big", batch_size=16, device="cpu")
+    reference = dump.dump(metadata, dataset_cfg, tmp_path / "ref", batch_size=16, device="cpu")
+    for fpath in reference.iterdir():
+        assert (resumed / fpath.name).read_bytes() == fpath.read_bytes(), fpath.name
+
+
+def test_a_second_job_for_a_group_refuses_and_the_first_finishes(shards_dpath, tmp_path):
+    spec = group_spec(n_train=256 * 6000, relu={"activation": "relu", "sparsity_coeff": 0.01})
+    spec_fpath = tmp_path / "group.json"
+    spec_fpath.write_text(json.dumps(spec))
+    out_dpath, work_dpath = tmp_path / "group", tmp_path / "work"
+    argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
+    argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
+    argv += ["--work-dpath", str(work_dpath), "--checkpoint-every", "50", "--device", "cpu"]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (work_dpath / train.CHECKPOINT_FNAME).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(argv, capture_output=True, text=True)
+    assert second.returncode != 0
+    assert (
+        f"sweep group {out_dpath.name} is already being trained by another job (pid {first.pid}"
+        in second.stderr
+    )
+    assert first.wait(timeout=120) == 0, first.stderr.read()[-3000:]
+    model = sae.load(out_dpath / "relu" / "sae.pt")  # complete and readable
+    undisturbed = train.train_group(spec, shards_dpath, tmp_path / "alone", device="cpu")
+    for name, value in undisturbed["relu"].state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value)
+
+
+def test_the_suite_ignores_the_users_config(tmp_path):
+    """A schema-valid edit of config/experiments.yaml (here: train only layer -1) leaves the
+    tests that once read it green."""
+    repo = tmp_path / "repo"
+    for name in ("saev_core", "workflow", "tests", "config", "Snakefile", "pyproject.toml"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, repo / name)
+    user_fpath = repo / "config" / "experiments.yaml"
+    user_fpath.write_text(user_fpath.read_text().replace("layer: [-2, -1]", "layer: -1"))
+    plan.load_config(user_fpath)  # still valid
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_plan.py"]
+        + ["-k", "embedded_default or ids_do_not_depend or cap_splits or one_value"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "4 passed" in result.stdout
