@@ -1,7 +1,8 @@
 """Does Snakemake plan an ImageNet-scale sweep of 1,000 SAEs quickly, with short job commands?
 
 Builds, in a temporary directory, ImageNet-1K's train split as an image folder (1,000 class
-folders, 1,281,167 empty files: planning lists folders, it never opens images) and a 50,000-image
+folders, 1,281,167 empty files: planning lists the folders and stats every file for the dataset's
+fingerprint, it never opens images) and a 50,000-image
 val folder, and a config like the commented CLIP ViT-B/16 experiment: 4 recorded layers, 64 dump
 parts, and one sweep of 1,000 SAEs (TopK k = 1..125 and ReLU at 125 sparsity coefficients, on each
 layer). Then times `snakemake -n -p all` on it (run twice: the first run writes the job spec files,
