@@ -12,7 +12,11 @@ import dataclasses
 import typing
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
-TOP_K_KINDS = ("topk", "batchtopk")
+SAEV_ACTIVATIONS = ("saev-topk", "saev-batchtopk")
+"""Inference-only kinds of checkpoints written by saev (see `checkpoints`): `saev-topk` keeps the
+k largest pre-activations as they are (no ReLU); `saev-batchtopk` keeps the k largest over the
+whole batch (saev f5d892c's BatchTopK, in eval mode too). Nothing trains them."""
+TOP_K_KINDS = ("topk", "batchtopk", *SAEV_ACTIVATIONS)
 PENALTY_KINDS = ("relu", "jumprelu")
 TOKENS = ("patches", "cls", "all")
 LR_SCHEDULES = ("constant", "cosine")
@@ -73,10 +77,13 @@ class SaeConfig:
     """Subtract the data mean and scale to mean squared norm d_vit; constants are stored."""
     seed: int = 0
     """Seed of the weight initialisation."""
+    subtract_b_dec: bool = True
+    """The encoder reads `x - b_dec` (ours, and saev before f5d892c); saev's later encoders read
+    `x` itself, which loaded checkpoints of theirs keep."""
 
     def __post_init__(self):
         kind = self.activation
-        if kind not in ACTIVATIONS:
+        if kind not in ACTIVATIONS + SAEV_ACTIVATIONS:
             raise ConfigError("activation", f"must be one of {list(ACTIVATIONS)}, got {kind!r}")
         if self.d_vit < 1:
             raise ConfigError("d_vit", f"must be at least 1, got {self.d_vit}")
@@ -88,7 +95,7 @@ class SaeConfig:
             raise ConfigError("k", f"{self.k} exceeds d_sae {self.d_sae}")
         if kind not in TOP_K_KINDS and self.k:
             raise ConfigError("k", f"applies to topk and batchtopk, not {kind}")
-        if self.aux_k and kind not in TOP_K_KINDS:
+        if self.aux_k and kind not in ("topk", "batchtopk"):
             raise ConfigError("aux_k", f"applies to topk and batchtopk, not {kind}")
         if not 0 <= self.aux_k <= self.d_sae:
             raise ConfigError("aux_k", f"{self.aux_k} is not in 0..d_sae {self.d_sae}")
@@ -221,6 +228,25 @@ class RenderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExternalSaeConfig:
+    """An existing `sae.pt` (ours or any saev layout) that a sweep evaluates and browses like
+    the SAEs it trains."""
+
+    name: str
+    """Its label in the sweep table, the report and the browser."""
+    fpath: str
+    """The checkpoint; `results/exports/<sweep>/<label>.saev5.pt` is made by the export rule."""
+    layer: int
+    """Recorded layer it reads."""
+    tokens: str = "patches"
+    """Token kind it reads: `patches`, `cls` or `all`."""
+
+    def __post_init__(self):
+        if self.tokens not in TOKENS:
+            raise ConfigError("tokens", f"must be one of {list(TOKENS)}, got {self.tokens!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SweepConfig:
     """A sweep's settings besides its `train` and `saes` grids."""
 
@@ -240,6 +266,8 @@ class SweepConfig:
     """Percentile of each latent's values when it fires, estimated in the top-k pass."""
     render: RenderConfig = RenderConfig()
     """What the feature browser shows."""
+    external_saes: tuple[ExternalSaeConfig, ...] = ()
+    """Existing SAEs evaluated, top-k'd and rendered beside the trained ones."""
 
     def __post_init__(self):
         if not 1 <= self.max_saes_per_group <= 1024:

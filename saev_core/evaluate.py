@@ -1,8 +1,10 @@
 """Evaluate one SAE on held-out activations (SPEC §7).
 
-Run as `python -m saev_core.evaluate --sae-fpath .../sae.pt --shards-dpath results/shards/<HASH>
+Run as `python -m saev_core.evaluate --sae-fpath .../sae.pt --layer -1 --tokens patches
+--shards-dpath results/shards/<HASH>
 --shards-spec-fpath results/specs/shards/<HASH>.json --out-dpath results/<sweep>/saes/<sae>
---device auto` (the spec names the dataset, whose class names label concepts). Uses the layer and token kind the
+--device auto` (the spec names the dataset, whose class names label concepts). The SAE may be of
+any checkpoint layout, ours or saev's. Uses the layer and token kind the
 SAE was trained on. Writes `metrics.json` (scalars, one sweep-table row), `latents.npz` (per-latent
 firing frequency and mean value when firing), `histograms.png`, `concepts.csv` (per label
 class, the latent that predicts it best; empty where the shards have no `labels.bin`) and
@@ -205,7 +207,7 @@ def write(result: Evaluation, title: str, out_dpath: pathlib.Path):
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sae-fpath", type=pathlib.Path, required=True)
+    helpers.add_sae_arguments(parser)
     parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
     parser.add_argument(
         "--shards-spec-fpath", type=pathlib.Path, required=True, help="the shards' spec (JSON)"
@@ -214,14 +216,14 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     helpers.setup_logging()
-    model, train_cfg = sae.load_trained(args.sae_fpath, helpers.pick_device(args.device))
+    model = sae.load(args.sae_fpath, helpers.pick_device(args.device))
     reader = shards.ShardReader(args.shards_dpath)
     class_names = None
     if reader.labels() is not None:
         class_names = datasets.load(
             json.loads(args.shards_spec_fpath.read_text())["dataset"]
         ).classes
-    result = evaluate(model, reader, train_cfg["layer"], train_cfg["tokens"], class_names)
+    result = evaluate(model, reader, args.layer, args.tokens, class_names)
     logger.info("%s", result.metrics)
     write(result, f"SAE {args.sae_fpath.parent.name}", args.out_dpath)
 

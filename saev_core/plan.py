@@ -22,7 +22,7 @@ import logging
 import os
 import pathlib
 
-from . import config, datasets, shards
+from . import checkpoints, config, datasets, shards
 
 logger = logging.getLogger("plan")
 RESULTS_DPATH = "results"
@@ -112,7 +112,31 @@ class Sweep:
     sae_group: dict[str, str]
     """SAE id -> group id."""
     labels: dict[str, str]
-    """SAE id -> short readable label, unique within the sweep (e.g. `L-1 topk k=16 x8`)."""
+    """SAE id -> short readable label, unique within the sweep (e.g. `L-1 topk k=16 x8`);
+    external SAEs are labelled by their name."""
+    externals: dict[str, config.ExternalSaeConfig]
+    """Id -> an existing SAE evaluated and browsed like the trained ones."""
+
+    @property
+    def sae_ids(self) -> list[str]:
+        """Every SAE the sweep evaluates: trained and external."""
+        return sorted([*self.saes, *self.externals])
+
+    def layer_tokens(self, sae_id: str) -> tuple[int, str]:
+        """The recorded layer and token kind an SAE reads."""
+        if sae_id in self.externals:
+            return self.externals[sae_id].layer, self.externals[sae_id].tokens
+        return self.specs[sae_id].train.layer, self.specs[sae_id].train.tokens
+
+    def sae_fpath(self, sae_id: str) -> str:
+        if sae_id in self.externals:
+            return self.externals[sae_id].fpath
+        return f"{RESULTS_DPATH}/{self.name}/groups/{self.sae_group[sae_id]}/{sae_id}/sae.pt"
+
+    @property
+    def slugs(self) -> dict[str, str]:
+        """File-name form of each trained SAE's label (`L-1-topk-k=16-x8`) -> its id."""
+        return {export_slug(self.labels[sae_id]): sae_id for sae_id in self.saes}
 
     def group_spec(self, group_id: str) -> dict:
         group = self.groups[group_id]
@@ -126,7 +150,12 @@ class Sweep:
         return {"label": self.labels[sae_id], "render": self.cfg.render.to_dict()}
 
     def summary_spec(self) -> dict:
-        return {"model": self.model, "sae_group": dict(sorted(self.sae_group.items()))}
+        externals = {i: dataclasses.asdict(e) for i, e in sorted(self.externals.items())}
+        return {
+            "model": self.model,
+            "sae_group": dict(sorted(self.sae_group.items())),
+            "external": externals,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +174,7 @@ class Plan:
         for name, sweep in self.sweeps.items():
             for group_id in sweep.groups:
                 out[group_spec_fpath(name, group_id)] = sweep.group_spec(group_id)
-            for sae_id in sweep.saes:
+            for sae_id in sweep.sae_ids:
                 out[render_spec_fpath(name, sae_id)] = sweep.render_spec(sae_id)
             out[summary_spec_fpath(name)] = sweep.summary_spec()
         return out
@@ -253,11 +282,29 @@ def sweep_points(name: str, cfg: dict):
                     yield {**train_point, **sae_point}, where
 
 
+def export_slug(label: str) -> str:
+    """A label as a file name: `L-1 topk k=16 x8` -> `L-1-topk-k=16-x8`."""
+    return label.replace(" ", "-")
+
+
+def export_fpath(sweep: str, label: str) -> str:
+    """Where the export rule writes a trained SAE for today's saev (schema 5)."""
+    return f"{RESULTS_DPATH}/exports/{sweep}/{export_slug(label)}.saev5.pt"
+
+
 def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Sweep:
     grids = {k: cfg[k] for k in ("train", "saes")}
     settings = {k: v for k, v in cfg.items() if k not in grids}
     render = typed(config.RenderConfig, settings.get("render", {}), f"sweeps.{name}.render")
-    sweep_cfg = typed(config.SweepConfig, {**settings, "render": render}, f"sweeps.{name}")
+    externals = tuple(
+        typed(config.ExternalSaeConfig, entry, f"sweeps.{name}.external_saes[{i}]")
+        for i, entry in enumerate(settings.get("external_saes", []))
+    )
+    sweep_cfg = typed(
+        config.SweepConfig,
+        {**settings, "render": render, "external_saes": externals},
+        f"sweeps.{name}",
+    )
     train_shards = lookup(
         activations, sweep_cfg.train_activations, f"sweeps.{name}.train_activations"
     )
@@ -311,6 +358,23 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
             group_id = f"layer{stream['layer']}-{short_hash([stream, members])[:8]}"
             groups[group_id] = Group(id=group_id, stream=stream, sae_ids=members)
             sae_group.update(dict.fromkeys(members, group_id))
+    labels = sae_labels(saes)
+    external_ids = {}
+    for i, external in enumerate(sweep_cfg.external_saes):
+        where = f"sweeps.{name}.external_saes[{i}]"
+        for md, which in ((train_md, "train"), (eval_md, "eval")):
+            if external.layer not in md.layers:
+                raise PlanError(
+                    f"{where}.layer: layer {external.layer} is not recorded by the {which} "
+                    f"activations (layers {list(md.layers)})"
+                )
+        if external.name in labels.values() or any(
+            e.name == external.name for e in external_ids.values()
+        ):
+            raise PlanError(f"{where}.name: {external.name!r} is already the label of another SAE")
+        sae_id = short_hash({**dataclasses.asdict(external), "shards": train_shards})
+        external_ids[sae_id] = external
+        labels[sae_id] = external.name
     return Sweep(
         name=name,
         cfg=sweep_cfg,
@@ -322,7 +386,8 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
         specs=specs,
         groups=groups,
         sae_group=sae_group,
-        labels=sae_labels(saes),
+        labels=labels,
+        externals=external_ids,
     )
 
 
@@ -440,6 +505,7 @@ def make_plan(config_dct: dict, rescan: bool = True) -> Plan:
         name: plan_sweep(name, cfg, activations, shard_jobs)
         for name, cfg in config_dct["sweeps"].items()
     }
+    check_external_saes(sweeps, shard_jobs)
     return Plan(
         workflow=workflow,
         datasets=dataset_cfgs,
@@ -447,6 +513,39 @@ def make_plan(config_dct: dict, rescan: bool = True) -> Plan:
         shard_jobs=shard_jobs,
         sweeps=sweeps,
     )
+
+
+def check_external_saes(sweeps: dict[str, Sweep], shard_jobs: dict[str, ShardJob]):
+    """Each external SAE is an export this workflow writes, or an existing file whose header
+    reads as a known layout with the activations' width."""
+    exports = {
+        export_fpath(name, sweep.labels[sae_id])
+        for name, sweep in sweeps.items()
+        for sae_id in sweep.saes
+    }
+    for name, sweep in sweeps.items():
+        d_vit = shard_jobs[sweep.train_shards].metadata.d_vit
+        for i, external in enumerate(sweep.cfg.external_saes):
+            where = f"sweeps.{name}.external_saes[{i}].fpath"
+            fpath = pathlib.Path(external.fpath)
+            if external.fpath in exports:
+                continue
+            if external.fpath.startswith(f"{RESULTS_DPATH}/exports/"):
+                raise PlanError(
+                    f"{where}: {fpath} is not an export of a trained SAE; exports are "
+                    f"{RESULTS_DPATH}/exports/<sweep>/<label, spaces as ->.saev5.pt"
+                )
+            if not fpath.is_file():
+                raise PlanError(f"{where}: {fpath} does not exist")
+            try:
+                layout = checkpoints.layout(fpath, checkpoints.read_header(fpath))
+            except checkpoints.CheckpointError as err:
+                raise PlanError(f"{where}: {err}") from None
+            if layout.cfg.d_vit != d_vit:
+                raise PlanError(
+                    f"{where}: {fpath} reads d_vit {layout.cfg.d_vit} activations, the "
+                    f"sweep's are {d_vit} wide"
+                )
 
 
 def write_specs(plan: Plan, root: pathlib.Path = pathlib.Path(".")):

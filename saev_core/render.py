@@ -1,6 +1,6 @@
 """Render an SAE's top images per latent as heatmap overlays and a static feature browser.
 
-Run as `python -m saev_core.render --sae-fpath .../sae.pt --topk-fpath .../topk.npz
+Run as `python -m saev_core.render --sae-fpath .../sae.pt --layer -1 --topk-fpath .../topk.npz
 --shards-dpath results/shards/<HASH> --shards-spec-fpath results/specs/shards/<HASH>.json
 --spec-fpath results/specs/<sweep>/render/<sae>.json --out-dpath .../features
 --browser-fpath .../browser.html --grid-fpath .../grid.jpg --device auto`, where the render spec
@@ -280,7 +280,7 @@ def write_grid(
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sae-fpath", type=pathlib.Path, required=True)
+    helpers.add_sae_arguments(parser)
     parser.add_argument("--topk-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
     parser.add_argument(
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     helpers.setup_logging()
-    model, train_cfg = sae.load_trained(args.sae_fpath, helpers.pick_device(args.device))
+    model = sae.load(args.sae_fpath, helpers.pick_device(args.device))
     result = topk.load(args.topk_fpath)
     reader = shards.ShardReader(args.shards_dpath)
     dataset = datasets.load(json.loads(args.shards_spec_fpath.read_text())["dataset"])
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None):
         selection.filled,
         selection.removed,
     )
-    layer = train_cfg["layer"]
+    layer = args.layer
     summaries = render(
         model, result, reader, dataset, layer, args.out_dpath, selection.latents, n_images
     )

@@ -7,8 +7,8 @@ computation over a leading M axis (one `baddbmm` per matrix product for all of t
 one trained SAE for inference; both use the same activation functions, so a member exported from
 a stack encodes exactly as it did in training's inference mode.
 
-`sae.pt` follows the saev layout: one line of JSON (`{"schema": 1, "cls": ..., "cfg": {...}}`),
-then a `torch.save` of the state dict, so saev's checkpoints load here and ours load there.
+`sae.pt` follows the saev layout: one line of JSON, then a `torch.save` of the state dict, so
+saev's checkpoints load here and ours load there (`checkpoints` describes every layout).
 """
 
 import dataclasses
@@ -20,10 +20,9 @@ import typing
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, shards
 from .config import SaeConfig
 
-SCHEMA = 1
 JUMPRELU_INIT_THRESHOLD = 1e-3
 JUMPRELU_BANDWIDTH = 1e-3
 """Width of the straight-through estimator's window around the JumpReLU threshold."""
@@ -91,22 +90,26 @@ def sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad
 
 
-def keep_topk(pre_MBF: torch.Tensor, k_M: torch.Tensor) -> torch.Tensor:
-    """Per example, keep each SAE's k largest pre-activations (ReLU'd), zero the rest."""
+def keep_topk(pre_MBF: torch.Tensor, k_M: torch.Tensor, relu: bool = True) -> torch.Tensor:
+    """Per example, keep each SAE's k largest pre-activations (ReLU'd unless `relu` is off, as
+    saev's TopK), zero the rest."""
     k_max = int(k_M.max())
     vals_MBK, idx_MBK = pre_MBF.topk(k_max, dim=-1)
     keep_MBK = torch.arange(k_max, device=pre_MBF.device) < k_M[:, None, None]
-    return torch.zeros_like(pre_MBF).scatter(-1, idx_MBK, vals_MBK.relu() * keep_MBK)
+    vals_MBK = vals_MBK.relu() if relu else vals_MBK
+    return torch.zeros_like(pre_MBF).scatter(-1, idx_MBK, vals_MBK * keep_MBK)
 
 
-def keep_batch_topk(pre_MBF: torch.Tensor, k_M: torch.Tensor) -> torch.Tensor:
-    """Per SAE, keep the k * B largest pre-activations over the whole batch (ReLU'd)."""
+def keep_batch_topk(pre_MBF: torch.Tensor, n_keep_M: torch.Tensor, relu: bool = True):
+    """Per SAE, keep the `n_keep` largest pre-activations over the whole batch (ReLU'd unless
+    `relu` is off)."""
     M, B, F = pre_MBF.shape
-    k_max = int(k_M.max()) * B
+    n_max = int(n_keep_M.max())
     flat_MN = pre_MBF.reshape(M, B * F)
-    vals_MK, idx_MK = flat_MN.topk(k_max, dim=-1)
-    keep_MK = torch.arange(k_max, device=pre_MBF.device) < (k_M * B)[:, None]
-    return torch.zeros_like(flat_MN).scatter(-1, idx_MK, vals_MK.relu() * keep_MK).view(M, B, F)
+    vals_MK, idx_MK = flat_MN.topk(n_max, dim=-1)
+    keep_MK = torch.arange(n_max, device=pre_MBF.device) < n_keep_M[:, None]
+    vals_MK = vals_MK.relu() if relu else vals_MK
+    return torch.zeros_like(flat_MN).scatter(-1, idx_MK, vals_MK * keep_MK).view(M, B, F)
 
 
 class SaeParams(torch.nn.Module):
@@ -115,9 +118,8 @@ class SaeParams(torch.nn.Module):
     def __init__(self, cfgs: list[SaeConfig]):
         super().__init__()
         d_vit, d_sae = cfgs[0].d_vit, cfgs[0].d_sae
-        if any(
-            (c.d_vit, c.d_sae, c.activation) != (d_vit, d_sae, cfgs[0].activation) for c in cfgs
-        ):
+        first = (d_vit, d_sae, cfgs[0].activation, cfgs[0].subtract_b_dec)
+        if any((c.d_vit, c.d_sae, c.activation, c.subtract_b_dec) != first for c in cfgs):
             raise ValueError("a stack holds SAEs of one shape (d_vit, d_sae) and activation only")
         self.cfgs = cfgs
         W_dec_MFD = torch.stack([init_decoder(c) for c in cfgs])
@@ -141,7 +143,10 @@ class SaeParams(torch.nn.Module):
     def pre_acts(self, x_MBD: torch.Tensor) -> torch.Tensor:
         """(x - b_dec) @ W_enc + b_enc. The batch product sees b_dec as a constant and a zero-valued
         (M, 1, F) term carries its gradient: autograd would otherwise spend a whole (B, F) x (F, D)
-        product per step on d loss / d (x - b_dec), of which only the sum over the batch is used."""
+        product per step on d loss / d (x - b_dec), of which only the sum over the batch is used.
+        SAEs loaded from saev's later layouts read x itself (`subtract_b_dec` off)."""
+        if not self.cfgs[0].subtract_b_dec:
+            return torch.baddbmm(self.b_enc[:, None], x_MBD, self.W_enc)
         b_dec_M1D = self.b_dec[:, None]
         pre_MBF = torch.baddbmm(self.b_enc[:, None], x_MBD - b_dec_M1D.detach(), self.W_enc)
         if not b_dec_M1D.requires_grad:
@@ -155,7 +160,11 @@ class SaeParams(torch.nn.Module):
         if self.kind == "topk":
             return keep_topk(pre_MBF, self.k)
         if self.kind == "batchtopk" and batch_topk:
-            return keep_batch_topk(pre_MBF, self.k)
+            return keep_batch_topk(pre_MBF, self.k * pre_MBF.shape[1])
+        if self.kind == "saev-topk":
+            return keep_topk(pre_MBF, self.k, relu=False)
+        if self.kind == "saev-batchtopk":
+            return keep_batch_topk(pre_MBF, self.k, relu=False)
         if self.kind == "batchtopk":
             return pre_MBF.relu() * (pre_MBF > self.threshold[:, None, None])
         theta_M1F = self.log_threshold.exp()[:, None]
@@ -355,12 +364,18 @@ class SparseAutoencoder(torch.nn.Module):
         return self.stack.b_dec[0]
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        x_MBD = self.stack.normalize(x_BD)
-        return self.stack.activate(self.stack.pre_acts(x_MBD), batch_topk=False)[0]
+        """Latents of (..., D) inputs, e.g. (batch, D) or saev's (batch, patches, D)."""
+        x_MBD = self.stack.normalize(x_BD.reshape(-1, x_BD.shape[-1]))
+        f_x_BF = self.stack.activate(self.stack.pre_acts(x_MBD), batch_topk=False)[0]
+        return f_x_BF.reshape(*x_BD.shape[:-1], f_x_BF.shape[-1])
 
     def decode(self, f_x_BF: torch.Tensor) -> torch.Tensor:
-        x_hat_BD = self.stack.decode(f_x_BF[None])[0]
-        return x_hat_BD / self.stack.x_scale[0] + self.stack.x_mean[0]
+        """Reconstructions of (..., F) latents."""
+        flat_BF = f_x_BF.reshape(-1, f_x_BF.shape[-1])
+        x_hat_BD = (
+            self.stack.decode(flat_BF[None])[0] / self.stack.x_scale[0] + self.stack.x_mean[0]
+        )
+        return x_hat_BD.reshape(*f_x_BF.shape[:-1], x_hat_BD.shape[-1])
 
     def forward(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f_x_BF = self.encode(x_BD)
@@ -381,49 +396,65 @@ def stack_state(params: SaeParams) -> dict[str, torch.Tensor]:
     }
 
 
-def save(fpath: pathlib.Path, model: SparseAutoencoder, **extra):
-    """Write `sae.pt`: a JSON header line then the state dict. `extra` goes into the header."""
-    header = {
-        "schema": SCHEMA,
-        "cls": "SparseAutoencoder",
-        "cfg": dataclasses.asdict(model.cfg),
-        **extra,
-    }
+def save(fpath: pathlib.Path, model: SparseAutoencoder, train: dict | None = None):
+    """Write `sae.pt` (see `checkpoints`): saev's schema-1 header where saev can read the SAE,
+    with `b_enc - b_dec @ W_enc` stored because saev's encoder does not subtract `b_dec`, and
+    our configuration and `train` (the training configuration) in our own header section."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    cfg = dataclasses.replace(model.cfg, subtract_b_dec=True)  # as every file of ours reads
+    section = {"cfg": dataclasses.asdict(cfg), "train": train}
+    header = checkpoints.saev_header(cfg, section)
+    if header["cls"] != "SparseAutoencoder":
+        state["b_enc"] = saev_b_enc(model)
+        if "threshold" in state:  # saev f5d892c's BatchTopK has no threshold tensor
+            section["threshold"] = float(state.pop("threshold"))
+    elif not model.cfg.subtract_b_dec:  # our layout subtracts b_dec: undo saev's folding
+        state["b_enc"] = (
+            state["b_enc"] + (state["b_dec"].double() @ state["W_enc"].double()).float()
+        )
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buffer)
-    fpath = pathlib.Path(fpath)
-    tmp_fpath = fpath.with_name(f".{fpath.name}.tmp")
-    tmp_fpath.write_bytes((json.dumps(header) + "\n").encode() + buffer.getvalue())
-    tmp_fpath.replace(fpath)
+    torch.save(state, buffer)
+    shards.write_atomic(
+        pathlib.Path(fpath), (json.dumps(header) + "\n").encode() + buffer.getvalue()
+    )
 
 
 def load(fpath: pathlib.Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load a checkpoint in the saev layout (ours, or saev's schema-1 ReLU SAEs)."""
-    header = checkpoints.read_header(fpath)  # checked before the weights are read
-    if header.get("schema") != SCHEMA:
-        raise ValueError(
-            f"{fpath}: checkpoint schema must be {SCHEMA}, got {header.get('schema')!r}"
-        )
-    if header.get("cls") != "SparseAutoencoder":
-        raise ValueError(f"{fpath}: unknown checkpoint class {header.get('cls')!r}")
-    fields = {f.name for f in dataclasses.fields(SaeConfig)}
-    cfg = SaeConfig(**{k: v for k, v in header["cfg"].items() if k in fields})
+    """Any checkpoint layout of ours or saev's (`checkpoints`), encoding exactly as the code that
+    wrote it; tensors are checked for their exact shapes and for NaN."""
+    fpath = pathlib.Path(fpath)
+    layout = checkpoints.layout(fpath, checkpoints.read_header(fpath))
     _, state = checkpoints.read(fpath)
-    model = SparseAutoencoder(cfg)
+    state = {layout.renames.get(k, k): v for k, v in state.items()}
+    state |= {k: torch.tensor(v) for k, v in layout.header_tensors.items()}
+    model = SparseAutoencoder(
+        dataclasses.replace(layout.cfg, subtract_b_dec=layout.subtracts_b_dec)
+    )
     try:
         model.load_state_dict(state)
     except ValueError as err:
-        raise ValueError(f"{fpath}: {err}") from err
+        raise checkpoints.CheckpointError(f"{fpath} ({layout.name}): {err}") from None
     return model.to(device)
+
+
+def saev_b_enc(model: SparseAutoencoder) -> torch.Tensor:
+    """The encoder bias for saev's later encoders, which do not subtract b_dec first:
+    `b_enc - b_dec @ W_enc`, so that they compute this SAE's pre-activations."""
+    b_enc_F = model.b_enc.detach().cpu()
+    if not model.cfg.subtract_b_dec:
+        return b_enc_F.clone()
+    b_dec_D, W_enc_DF = model.b_dec.detach().cpu(), model.W_enc.detach().cpu()
+    return b_enc_F - (b_dec_D.double() @ W_enc_DF.double()).float()
 
 
 def load_trained(
     fpath: pathlib.Path, device: str | torch.device = "cpu"
 ) -> tuple[SparseAutoencoder, dict]:
     """An SAE trained by this workflow and its training configuration (layer, tokens, ...)."""
-    header = checkpoints.read_header(fpath)
-    if "train" not in header:
-        raise ValueError(
-            f"{fpath} has no 'train' section in its header: not trained by this workflow"
+    fpath = pathlib.Path(fpath)
+    train = checkpoints.layout(fpath, checkpoints.read_header(fpath)).train
+    if train is None:
+        raise checkpoints.CheckpointError(
+            f"{fpath} has no training configuration in its header: not trained by this workflow"
         )
-    return load(fpath, device), header["train"]
+    return load(fpath, device), train

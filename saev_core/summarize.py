@@ -2,9 +2,9 @@
 
 Run as `python -m saev_core.summarize --spec-fpath results/specs/<sweep>/summary.json
 --sweep-dpath results/<sweep> --out-csv-fpath summary.csv --out-parquet-fpath summary.parquet
---out-plot-fpath pareto.png`. The spec (written by the plan) lists the sweep's SAEs by group and
-names the model; each SAE's configuration comes from its `sae.pt` header and its metrics from
-`saes/<id>/metrics.json`, so nothing on the command line grows with the sweep.
+--out-plot-fpath pareto.png`. The spec (written by the plan) lists the sweep's SAEs by group, its
+external SAEs and the model; each SAE's configuration comes from its `sae.pt` header and its
+metrics from `saes/<id>/metrics.json`, so nothing on the command line grows with the sweep.
 """
 
 import argparse
@@ -82,13 +82,31 @@ def plot(df: pl.DataFrame, out_fpath: pathlib.Path):
 
 
 def read_sweep(spec: dict, sweep_dpath: pathlib.Path) -> pl.DataFrame:
-    """The sweep table from the files its jobs wrote: `sae.pt` headers and `metrics.json`."""
-    saes, metrics = {}, {}
+    """The sweep table from the files its jobs wrote: `sae.pt` headers and `metrics.json`;
+    external SAEs are described by their entry and what their header says."""
+    saes, groups = {}, dict(spec["sae_group"])
     for sae_id, group in spec["sae_group"].items():
-        header = checkpoints.read_header(sweep_dpath / "groups" / group / sae_id / "sae.pt")
-        saes[sae_id] = header["train"]
-        metrics[sae_id] = json.loads((sweep_dpath / "saes" / sae_id / "metrics.json").read_text())
-    return table(saes, metrics, spec["sae_group"], spec["model"], plan.sae_labels(saes))
+        fpath = sweep_dpath / "groups" / group / sae_id / "sae.pt"
+        saes[sae_id] = checkpoints.layout(fpath, checkpoints.read_header(fpath)).train
+    labels = plan.sae_labels(saes)
+    for sae_id, external in spec.get("external", {}).items():
+        fpath = pathlib.Path(external["fpath"])
+        layout = checkpoints.layout(fpath, checkpoints.read_header(fpath))
+        cfg = layout.cfg
+        saes[sae_id] = {
+            "layer": external["layer"],
+            "tokens": external["tokens"],
+            "activation": cfg.activation,
+            "exp_factor": cfg.exp_factor,
+            "k": cfg.k or None,
+            "source": f"{fpath} ({layout.name})",
+        }
+        labels[sae_id], groups[sae_id] = external["name"], "external"
+    metrics = {
+        sae_id: json.loads((sweep_dpath / "saes" / sae_id / "metrics.json").read_text())
+        for sae_id in saes
+    }
+    return table(saes, metrics, groups, spec["model"], labels)
 
 
 def main(argv: list[str] | None = None):

@@ -1,6 +1,7 @@
 """Find, for every latent of an SAE, the images that activate it most (SPEC §8).
 
-Run as `python -m saev_core.topk --sae-fpath .../sae.pt --shards-dpath results/shards/<HASH>
+Run as `python -m saev_core.topk --sae-fpath .../sae.pt --layer -1 --tokens patches
+--shards-dpath results/shards/<HASH>
 --top-k 16 --percentile 99 --out-fpath .../topk.npz`. One ordered pass; memory is
 O(d_sae * (top_k + n_bins)), never O(d_sae * top_k * n_patches): heatmaps are recomputed later for
 the few images rendered.
@@ -142,7 +143,7 @@ def load(fpath: pathlib.Path) -> TopK:
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sae-fpath", type=pathlib.Path, required=True)
+    helpers.add_sae_arguments(parser)
     parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--top-k", type=int, required=True)
     parser.add_argument("--percentile", type=float, default=99.0)
@@ -150,11 +151,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     helpers.setup_logging()
-    model, train_cfg = sae.load_trained(args.sae_fpath, helpers.pick_device(args.device))
+    model = sae.load(args.sae_fpath, helpers.pick_device(args.device))
     reader = shards.ShardReader(args.shards_dpath)
-    result = top_k(
-        model, reader, train_cfg["layer"], train_cfg["tokens"], args.top_k, args.percentile
-    )
+    result = top_k(model, reader, args.layer, args.tokens, args.top_k, args.percentile)
     logger.info("%d of %d latents fired", int((result.freq > 0).sum()), len(result.freq))
     save(args.out_fpath, result)
 

@@ -43,7 +43,7 @@ def rendered(shards_dpath, trained_dpath, dataset_cfg, tmp_path_factory):
     render_cfg = {"n_latents": N_LATENTS, "seed": 0, "log10_freq_range": [-6, 0]}
     render.main(
         [
-            *("--sae-fpath", str(sae_fpath)),
+            *("--sae-fpath", str(sae_fpath), "--layer", "-1"),
             *("--topk-fpath", str(tmp_path / "topk.npz")),
             *("--concepts-fpath", str(tmp_path / "concept_candidates.csv")),
             *("--shards-dpath", str(shards_dpath)),

@@ -209,15 +209,15 @@ def rewrite_tensors(fpath: pathlib.Path, **changes):
     [
         (
             lambda f: rewrite_tensors(f, W_enc=torch.zeros(64, 1)),
-            r"sae.pt: tensor 'W_enc' has shape \(64, 1\), expected \(64, 256\)",
+            r"sae.pt[^:]*: tensor 'W_enc' has shape \(64, 1\), expected \(64, 256\)",
         ),
         (
             lambda f: rewrite_tensors(f, b_dec=torch.zeros(32)),
-            r"sae.pt: tensor 'b_dec' has shape \(32,\), expected \(64,\)",
+            r"sae.pt[^:]*: tensor 'b_dec' has shape \(32,\), expected \(64,\)",
         ),
         (
             lambda f: rewrite_tensors(f, b_enc=torch.full((256,), float("nan"))),
-            r"sae.pt: tensor 'b_enc' holds NaN or infinite values",
+            r"sae.pt[^:]*: tensor 'b_enc' holds NaN or infinite values",
         ),
         (
             lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]),
@@ -294,10 +294,10 @@ def test_a_second_job_for_a_group_refuses_and_the_first_finishes(shards_dpath, t
         in second.stderr
     )
     assert first.wait(timeout=120) == 0, first.stderr.read()[-3000:]
-    model = sae.load(out_dpath / "relu" / "sae.pt")  # complete and readable
-    undisturbed = train.train_group(spec, shards_dpath, tmp_path / "alone", device="cpu")
-    for name, value in undisturbed["relu"].state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], value)
+    sae.load(out_dpath / "relu" / "sae.pt")  # complete and readable
+    train.train_group(spec, shards_dpath, tmp_path / "alone", device="cpu")
+    alone = (tmp_path / "alone" / "relu" / "sae.pt").read_bytes()
+    assert (out_dpath / "relu" / "sae.pt").read_bytes() == alone  # as if undisturbed
 
 
 def test_the_suite_ignores_the_users_config(tmp_path):

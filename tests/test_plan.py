@@ -1,6 +1,7 @@
 """Sweeps expand into SAEs with stable ids, grouped by data stream; bad configs name the key."""
 
 import copy
+import dataclasses
 import json
 import pathlib
 import re
@@ -11,8 +12,8 @@ import polars as pl
 import pytest
 import yaml
 
+from saev_core import checkpoints, plan, summarize
 from saev_core import config as saev_config
-from saev_core import plan, summarize
 
 REPO = pathlib.Path(__file__).parent.parent
 # The tests' own copy of the embedded default: users may edit config/experiments.yaml freely.
@@ -307,6 +308,7 @@ def wide_sweep(n_k: int) -> dict:
     config = yaml.safe_load(CONFIG_FPATH.read_text())
     sweep = config["sweeps"]["tiny-synthetic"]
     sweep["saes"] = [{"activation": "topk", "k": list(range(1, n_k + 1))}]
+    sweep["external_saes"] = []
     return config
 
 
@@ -332,8 +334,11 @@ def test_summary_of_three_hundred_saes_reads_their_files(tmp_path):
     for sae_id, group in sweep.sae_group.items():
         ckpt_fpath = sweep_dpath / "groups" / group / sae_id / "sae.pt"
         ckpt_fpath.parent.mkdir(parents=True)
-        ckpt_fpath.write_bytes(json.dumps({"train": sweep.saes[sae_id]}).encode() + b"\nweights")
         k = sweep.saes[sae_id]["k"]
+        cfg = saev_config.SaeConfig(d_vit=64, activation="topk", k=k)
+        section = {"cfg": dataclasses.asdict(cfg), "train": sweep.saes[sae_id]}
+        header = checkpoints.saev_header(cfg, section)  # as training writes it
+        ckpt_fpath.write_bytes(json.dumps(header).encode() + b"\nweights")
         metrics = {"l0": float(k), "normalized_mse": 1 / k, "n_dead": 0}
         (sweep_dpath / "saes" / sae_id).mkdir(parents=True)
         (sweep_dpath / "saes" / sae_id / "metrics.json").write_text(json.dumps(metrics))

@@ -127,7 +127,7 @@ def run_render(tmp_path, trained_dpath, shards_dpath, dataset_cfg, result, rende
     out_dpath = tmp_path / "features"
     render.main(
         [
-            *("--sae-fpath", str(trained_dpath / "topk" / "sae.pt")),
+            *("--sae-fpath", str(trained_dpath / "topk" / "sae.pt"), "--layer", "-1"),
             *("--topk-fpath", str(tmp_path / "topk.npz")),
             *("--shards-dpath", str(shards_dpath)),
             *render_spec_args(tmp_path, dataset_cfg, render_cfg, label="test SAE"),

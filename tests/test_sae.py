@@ -59,7 +59,7 @@ def test_topk_keeps_exactly_k_per_example():
 def test_batchtopk_keeps_k_times_batch_over_the_batch():
     pre_MBF = torch.rand(1, 6, 32) + 0.1
     pre_MBF[0, 0] += 10  # one example takes most of the batch's budget
-    f_MBF = sae.keep_batch_topk(pre_MBF, torch.tensor([4]))
+    f_MBF = sae.keep_batch_topk(pre_MBF, torch.tensor([4 * 6]))
     per_example = (f_MBF[0] > 0).sum(dim=1)
     assert per_example.sum() == 4 * 6 and per_example[0] == 24 and per_example[1:].sum() == 0
 

@@ -184,7 +184,8 @@ def assert_same_as_undisturbed(workdir: pathlib.Path, config: dict, group_id: st
     spec = sweep.group_spec(group_id)
     shards_dpath = workdir / config["shards_dpath"] / sweep.train_shards
     models = train.train_group(spec, shards_dpath, workdir / "undisturbed", device="cpu")
-    for sae_id, model in models.items():
+    for sae_id in models:
         resumed = sae.load(workdir / "results/tiny-synthetic/groups" / group_id / sae_id / "sae.pt")
-        for name, value in model.state_dict().items():
+        undisturbed = sae.load(workdir / "undisturbed" / sae_id / "sae.pt")
+        for name, value in undisturbed.state_dict().items():
             torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6)

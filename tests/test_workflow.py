@@ -59,6 +59,14 @@ CONFIG = {
                 {"activation": "relu", "sparsity_coeff": 0.01},
                 {"activation": "topk", "k": [4, 8]},
             ],
+            # Bring your own SAE: here, a trained one exported for today's saev and read back.
+            "external_saes": [
+                {
+                    "name": "exported L-1 topk k=8",
+                    "fpath": "results/exports/s/L-1-topk-k=8-x4.saev5.pt",
+                    "layer": -1,
+                }
+            ],
             "top_k": 4,
             # After a few steps most latents are dense (> 10%), outside the default frequency
             # range: the nearest fill up the page.
@@ -130,7 +138,14 @@ def test_run_leaves_what_users_open(workdir):
     assert len(checkpoints) == 6
     assert len(list(results.glob("s/groups/*"))) == 2
     summary = pl.read_csv(results / "s" / "summary.csv")
-    assert sorted(summary["sae"]) == sorted(p.parent.name for p in checkpoints)
+    trained = summary.filter(pl.col("group") != "external")
+    assert sorted(trained["sae"]) == sorted(p.parent.name for p in checkpoints)
+    # The external SAE (saev schema 5, read back) measures as the SAE it was exported from.
+    external = summary.filter(pl.col("group") == "external").row(0, named=True)
+    source = summary.filter(pl.col("label") == "L-1 topk k=8 x4").row(0, named=True)
+    assert "saev schema 5 (TopK)" in external["source"]
+    for metric in ("l0", "normalized_mse", "mean_best_ap", "n_dead"):
+        assert external[metric] == pytest.approx(source[metric], rel=1e-4), metric
     assert set(summary["layer"]) == {-2, -1}
     assert set(summary["model"]) == {"tiny:vit-tiny-p8-64"}
     assert (summary["explained_variance"] > 0).all()
@@ -165,11 +180,12 @@ def test_editing_one_value_reruns_only_its_group(workdir):
         counts = job_counts(snakemake(workdir, "-n", "all"))
     finally:
         (workdir / "experiments.yaml").write_text(yaml.safe_dump(CONFIG))
-    assert counts == {
+    assert counts == {  # the group's 3 SAEs, and the external export of one of them
         "train_group": 1,
-        "evaluate_sae": 3,
-        "topk_images": 3,
-        "render_features": 3,
+        "export_saev": 1,
+        "evaluate_sae": 4,
+        "topk_images": 4,
+        "render_features": 4,
         "summarize_sweep": 1,
         "all": 1,
     }
@@ -214,16 +230,17 @@ def test_code_edits_rerun_exactly_the_steps_that_import_them(workdir, tmp_path):
     def add_code(text: str) -> str:
         return text + "\n\ndef _unused():\n    return 1\n"
 
-    assert dry_run_after("saev_core/render.py", add_code) == {"render_features": 6, "all": 1}
+    assert dry_run_after("saev_core/render.py", add_code) == {"render_features": 7, "all": 1}
     assert dry_run_after("saev_core/browser.html", lambda t: t.replace("<h2", "<h2 class='x'")) == {
-        "render_features": 6,
+        "render_features": 7,
         "all": 1,
     }
     assert dry_run_after("saev_core/sae.py", add_code) == {
         "train_group": 2,
-        "evaluate_sae": 6,
-        "topk_images": 6,
-        "render_features": 6,
+        "export_saev": 1,
+        "evaluate_sae": 7,
+        "topk_images": 7,
+        "render_features": 7,
         "summarize_sweep": 1,
         "all": 1,
     }
@@ -274,6 +291,7 @@ def test_summary_names_each_sae_by_a_unique_label(workdir):
         "L-2 relu l1=0.01 x4",
         "L-2 topk k=4 x4",
         "L-2 topk k=8 x4",
+        "exported L-1 topk k=8",
     ]
 
 
@@ -310,5 +328,5 @@ def test_zip_report_holds_each_browser_once(workdir):
     for page in browsers:  # self-contained: images inlined, nothing linked beside it
         assert b"data:image/jpeg;base64," in page and b'"images/0' not in page
     assert not any(name.endswith(".jpg") and "/latents/" in name for name in names)
-    # Thumbnails once per SAE, sized for the page: 6 small SAEs stay well under 2 MB.
+    # Thumbnails once per SAE, sized for the page: 7 small SAEs stay well under 2 MB.
     assert (workdir / "report.zip").stat().st_size < 2_000_000

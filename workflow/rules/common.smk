@@ -22,7 +22,7 @@ DEVICE = PLAN.workflow.device
 # rewritten; after changing code that alters their bytes, delete them (README, "Reruns").
 CODE = {
     step: saev_plan.code_fingerprint(step)
-    for step in ("train", "evaluate", "summarize", "topk", "render")
+    for step in ("train", "evaluate", "summarize", "topk", "render", "export")
 }
 
 
@@ -39,6 +39,7 @@ wildcard_constraints:
     sweep="[A-Za-z0-9_.-]+",
     group=r"layer-?\d+-[0-9a-f]{8}",
     sae="[0-9a-f]{10}",
+    slug=r"[A-Za-z0-9_.=+-]+",
     part=r"\d+",
     n_parts=r"\d+",
 
@@ -98,9 +99,30 @@ def get_dump_parts(wildcards):
     ]
 
 
-def get_group_dpath(wildcards):
-    sweep = PLAN.sweeps[wildcards.sweep]
-    return f"results/{wildcards.sweep}/groups/{sweep.sae_group[wildcards.sae]}"
+def sae_input(sweep_name, sae_id):
+    """What steps that read an SAE wait for: its group's training job, or the file of an
+    external SAE (which the export rule makes, where it is an export)."""
+    sweep = PLAN.sweeps[sweep_name]
+    if sae_id in sweep.externals:
+        return sweep.externals[sae_id].fpath
+    return f"results/{sweep_name}/groups/{sweep.sae_group[sae_id]}"
+
+
+def get_sae_input(wildcards):
+    return sae_input(wildcards.sweep, wildcards.sae)
+
+
+def get_sae_fpath(wildcards, input):
+    """The SAE's checkpoint (derived: it takes `input`, so it is not a rerun trigger)."""
+    return PLAN.sweeps[wildcards.sweep].sae_fpath(wildcards.sae)
+
+
+def get_layer(wildcards):
+    return PLAN.sweeps[wildcards.sweep].layer_tokens(wildcards.sae)[0]
+
+
+def get_tokens(wildcards):
+    return PLAN.sweeps[wildcards.sweep].layer_tokens(wildcards.sae)[1]
 
 
 def get_wandb_args(wildcards):
@@ -124,7 +146,7 @@ def get_all_outputs():
     outputs = [f"{shards_dpath(h)}/shards.json" for h in PLAN.shard_jobs]
     for name, sweep in PLAN.sweeps.items():
         outputs += [f"results/{name}/summary.csv", f"results/{name}/pareto.png"]
-        for sae_id in sweep.saes:
+        for sae_id in sweep.sae_ids:
             sae_dpath = f"results/{name}/saes/{sae_id}"
             outputs += [
                 f"{sae_dpath}/{fname}"

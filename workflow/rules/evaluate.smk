@@ -1,7 +1,7 @@
 rule evaluate_sae:
     """Metrics, per-latent statistics and concept recovery of one SAE on held-out activations."""
     input:
-        group=get_group_dpath,
+        sae=get_sae_input,
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].eval_shards),
         spec=lambda wc: spec_input(
             saev_plan.shards_spec_fpath(PLAN.sweeps[wc.sweep].eval_shards)
@@ -35,12 +35,16 @@ rule evaluate_sae:
             PLAN.shard_jobs[PLAN.sweeps[wc.sweep].eval_shards].spec
         ),
         code=CODE["evaluate"],
+        sae_fpath=get_sae_fpath,
+        layer=get_layer,
+        tokens=get_tokens,
         shards_dpath=get_sweep_shards_dpath("eval_shards"),
         out_dpath=lambda wc, output: os.path.dirname(output.metrics),
         device=DEVICE,
     shell:
-        "python -m saev_core.evaluate --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
-        " --shards-dpath {params.shards_dpath:q} --shards-spec-fpath {input.spec:q}"
+        "python -m saev_core.evaluate --sae-fpath {params.sae_fpath:q} --layer {params.layer}"
+        " --tokens {params.tokens} --shards-dpath {params.shards_dpath:q}"
+        " --shards-spec-fpath {input.spec:q}"
         " --out-dpath {params.out_dpath:q} --device {params.device} > {log} 2>&1"
 
 
@@ -51,7 +55,7 @@ rule summarize_sweep:
         metrics=lambda wc: expand(
             "results/{sweep}/saes/{sae}/metrics.json",
             sweep=wc.sweep,
-            sae=sorted(PLAN.sweeps[wc.sweep].saes),
+            sae=PLAN.sweeps[wc.sweep].sae_ids,
         ),
     output:
         csv=report(

@@ -29,3 +29,25 @@ rule train_group:
         " --shards-dpath {params.shards_dpath:q} --out-dpath {output:q}"
         " --work-dpath {params.work_dpath:q} --checkpoint-every {params.checkpoint_every}"
         " --device {params.device} {params.wandb} > {log} 2>&1"
+
+
+rule export_saev:
+    """A trained SAE in today's saev layout (schema 5), named by its label: for saev users, and
+    readable here as an external SAE."""
+    input:
+        lambda wc: sae_input(wc.sweep, PLAN.sweeps[wc.sweep].slugs[wc.slug]),
+    output:
+        "results/exports/{sweep}/{slug}.saev5.pt",
+    log:
+        "results/logs/export_saev/{sweep}/{slug}.log",
+    benchmark:
+        "results/benchmarks/export_saev/{sweep}/{slug}.tsv"
+    conda:
+        "../../envs/saev.yaml"
+    params:
+        code=CODE["export"],
+        sae_fpath=lambda wc, input: PLAN.sweeps[wc.sweep].sae_fpath(
+            PLAN.sweeps[wc.sweep].slugs[wc.slug]
+        ),
+    shell:
+        "python -m saev_core.export --to saev-schema5 {params.sae_fpath:q} {output:q} > {log} 2>&1"

@@ -2,7 +2,7 @@ rule topk_images:
     """Per latent: the top-k images by largest patch activation, frequency, mean value, a
     percentile and the value histogram."""
     input:
-        group=get_group_dpath,
+        sae=get_sae_input,
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
     output:
         "results/{sweep}/saes/{sae}/topk.npz",
@@ -14,13 +14,16 @@ rule topk_images:
         "../../envs/saev.yaml"
     params:
         code=CODE["topk"],
+        sae_fpath=get_sae_fpath,
+        layer=get_layer,
+        tokens=get_tokens,
         shards_dpath=get_sweep_shards_dpath("train_shards"),
         top_k=lambda wc: PLAN.sweeps[wc.sweep].cfg.top_k,
         percentile=lambda wc: PLAN.sweeps[wc.sweep].cfg.percentile,
         device=DEVICE,
     shell:
-        "python -m saev_core.topk --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
-        " --shards-dpath {params.shards_dpath:q} --top-k {params.top_k}"
+        "python -m saev_core.topk --sae-fpath {params.sae_fpath:q} --layer {params.layer}"
+        " --tokens {params.tokens} --shards-dpath {params.shards_dpath:q} --top-k {params.top_k}"
         " --percentile {params.percentile} --out-fpath {output:q} --device {params.device}"
         " > {log} 2>&1"
 
@@ -29,7 +32,7 @@ rule render_features:
     """Heatmap-overlaid top images per selected latent and the static feature browser, also as
     one self-contained file for the report."""
     input:
-        group=get_group_dpath,
+        sae=get_sae_input,
         topk="results/{sweep}/saes/{sae}/topk.npz",
         concepts="results/{sweep}/saes/{sae}/concept_candidates.csv",
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
@@ -69,10 +72,12 @@ rule render_features:
             ]
         ),
         code=CODE["render"],
+        sae_fpath=get_sae_fpath,
+        layer=get_layer,
         shards_dpath=get_sweep_shards_dpath("train_shards"),
         device=DEVICE,
     shell:
-        "python -m saev_core.render --sae-fpath {input.group:q}/{wildcards.sae}/sae.pt"
+        "python -m saev_core.render --sae-fpath {params.sae_fpath:q} --layer {params.layer}"
         " --topk-fpath {input.topk:q} --concepts-fpath {input.concepts:q}"
         " --shards-dpath {params.shards_dpath:q} --shards-spec-fpath {input.shards_spec:q}"
         " --spec-fpath {input.spec:q} --out-dpath {output.browser_dpath:q}"

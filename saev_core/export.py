@@ -1,0 +1,88 @@
+"""Export an SAE of ours for today's saev (schema 5, upstream 3d73f1f).
+
+Run as `python -m saev_core.export --to saev-schema5 SAE_PT OUT_PT`. Our `sae.pt` files already
+load in saev f5d892c (schema 1, see `checkpoints`); this writes the layout saev's current loader
+reads: `cfg.activation` names the class and its parameters, `b_enc - b_dec @ W_enc` is stored
+because saev's encoder does not subtract `b_dec`, and a BatchTopK SAE's inference threshold goes
+to `activation.threshold`. saev computes our latents from it, with one difference: its TopK keeps
+the k largest pre-activations as they are, where ours ReLUs them (the same unless some of an
+input's k largest are negative). JumpReLU SAEs and SAEs with input normalisation have no saev
+equivalent and are refused.
+"""
+
+import argparse
+import io
+import json
+import pathlib
+
+import torch
+
+from . import sae, shards
+
+FORMATS = ("saev-schema5",)
+
+
+def schema5_activation(cfg: sae.SaeConfig) -> dict:
+    """saev's `cfg.activation` for one of our SAEs (the classes and keys its files use)."""
+    no_sparsity = {"cls": "NoSparsity", "params": {"key": "no-sparsity"}}
+    if cfg.aux_k:
+        aux = {"cls": "AuxK", "params": {"key": "auxk", "k_aux": cfg.aux_k, "alpha": cfg.aux_coeff}}
+    else:
+        aux = {"cls": "NoAux", "params": {"key": "no-aux"}}
+    if cfg.activation == "relu":
+        l1 = {"cls": "L1Sparsity", "params": {"key": "l1-sparsity", "coeff": cfg.sparsity_coeff}}
+        return {"cls": "Relu", "params": {"key": "relu", "sparsity": l1, "aux": aux}}
+    if cfg.activation == "topk":
+        params = {"key": "top-k", "top_k": cfg.k, "sparsity": no_sparsity, "aux": aux}
+        return {"cls": "TopK", "params": params}
+    if cfg.activation == "batchtopk":
+        params = {"key": "batch-top-k", "top_k": cfg.k, "sparsity": no_sparsity, "momentum": 0.1}
+        return {"cls": "BatchTopK", "params": {**params, "aux": aux}}
+    raise ValueError(f"saev has no equivalent of a {cfg.activation} SAE")
+
+
+def to_schema5(model: sae.SparseAutoencoder, fpath: pathlib.Path):
+    """Write `model` in saev's schema-5 layout."""
+    cfg = model.cfg
+    if cfg.normalize:
+        raise ValueError("saev has no input normalisation: this SAE cannot be exported")
+    header = {
+        "schema": 5,
+        "cfg": {
+            "d_model": cfg.d_vit,
+            "d_sae": cfg.d_sae,
+            "activation": schema5_activation(cfg),
+            "reinit_blend": 0.8,
+            "reinit_enc_dec_tranpose": True,  # sic: saev's spelling
+            "remove_parallel_grads": True,
+            "normalize_w_dec": True,
+        },
+        "commit": "saev-snakemake",
+        "lib": "0.1.0",
+    }
+    state = {
+        "W_dec": model.W_dec.detach().cpu().clone(),
+        "b_dec": model.b_dec.detach().cpu().clone(),
+        "W_enc": model.W_enc.detach().cpu().clone(),
+        "b_enc": sae.saev_b_enc(model),
+    }
+    if cfg.activation == "batchtopk":
+        state["activation.threshold"] = model.stack.threshold[0].detach().cpu().clone()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = (json.dumps(header) + "\n").encode() + buffer.getvalue()
+    shards.write_atomic(pathlib.Path(fpath), payload)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--to", choices=FORMATS, required=True)
+    parser.add_argument("sae_fpath", type=pathlib.Path, help="an sae.pt of any layout")
+    parser.add_argument("out_fpath", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    args.out_fpath.parent.mkdir(parents=True, exist_ok=True)
+    to_schema5(sae.load(args.sae_fpath), args.out_fpath)
+
+
+if __name__ == "__main__":
+    main()
