@@ -296,6 +296,9 @@ class ModelConfig:
     """Patch tokens per image, without [CLS]."""
     cls_token: bool
     """Whether the model has a [CLS] token (stored first)."""
+    weights: str | None = None
+    """A local weights file (`.safetensors`, or a `.pt`/`.pth` state dict) for the architecture
+    `ckpt` names, read instead of a hub cache; None: the family's usual source."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Record ViT activations for a dataset into a shard directory (SPEC §5).
 
 Two commands, one per workflow rule, each reading the shard directory's spec file
-(`results/specs/shards/<HASH>.json`: `{"metadata": {...}, "dataset": {...}}`, written by the plan):
+(`results/specs/shards/<HASH>.json`: `{"metadata": {...}, "dataset": {...}, "weights": path or
+null}`, written by the plan):
 
     python -m saev_core.dump part --spec-fpath SPEC --shards-dpath results/shards --part 0 --n-parts 4
     python -m saev_core.dump publish --spec-fpath SPEC --shards-dpath results/shards
@@ -76,8 +77,10 @@ def dump_part(
     batch_size: int = 64,
     n_workers: int = 0,
     device: str = "auto",
+    weights_fpath: pathlib.Path | None = None,
 ) -> pathlib.Path:
-    """Write the missing shards of part `part` of `n_parts`; return the shard directory."""
+    """Write the missing shards of part `part` of `n_parts`; return the shard directory.
+    `weights_fpath` is the model's local weights file, if it has one."""
     out_dpath = pathlib.Path(shards_dpath) / metadata.hash
     writer = shards.ShardWriter(out_dpath, metadata)
     shard_ids = shards.part_shards(metadata.n_shards, n_parts, part)
@@ -89,7 +92,9 @@ def dump_part(
         logger.info("part %d/%d: resuming at shard %d", part, n_parts, todo[0])
     dataset = open_dataset(metadata, dataset_cfg)
     torch_device = helpers.pick_device(device)
-    recorder, transform = vits.load(metadata.vit_family, metadata.vit_ckpt, list(metadata.layers))
+    recorder, transform = vits.load(
+        metadata.vit_family, metadata.vit_ckpt, list(metadata.layers), weights_fpath=weights_fpath
+    )
     recorder.to(torch_device)
     write_shards(
         metadata,
@@ -258,6 +263,7 @@ def dump(
     batch_size: int = 64,
     n_workers: int = 0,
     device: str = "auto",
+    weights_fpath: pathlib.Path | None = None,
 ) -> pathlib.Path:
     """The whole dump in one process: one part, then publish."""
     dump_part(
@@ -267,6 +273,7 @@ def dump(
         batch_size=batch_size,
         n_workers=n_workers,
         device=device,
+        weights_fpath=weights_fpath,
     )
     return publish(metadata, dataset_cfg, shards_dpath, n_workers=n_workers)
 
@@ -301,6 +308,7 @@ def main(argv: list[str] | None = None):
             batch_size=args.batch_size,
             n_workers=args.n_workers,
             device=args.device,
+            weights_fpath=spec.get("weights"),
         )
         logger.info("part %d/%d done: %s", args.part, args.n_parts, out_dpath)
     else:

@@ -22,7 +22,7 @@ import logging
 import os
 import pathlib
 
-from . import checkpoints, config, datasets, shards
+from . import checkpoints, config, datasets, shards, weights
 
 logger = logging.getLogger("plan")
 RESULTS_DPATH = "results"
@@ -78,11 +78,18 @@ class ShardJob:
     """The dataset's config with `root` resolved."""
     activations: config.ActivationsConfig
     """Execution settings (batch size, workers, parts) of the first entry naming this dump."""
+    weights: str | None = None
+    """The model's local weights file, if any."""
 
     @property
     def spec(self) -> dict:
-        """What the dump, publish, evaluation and render steps read: metadata and dataset."""
-        return {"metadata": self.metadata.to_dict(), "dataset": self.dataset_cfg}
+        """What the dump, publish, evaluation and render steps read: metadata, dataset and the
+        model's local weights file."""
+        return {
+            "metadata": self.metadata.to_dict(),
+            "dataset": self.dataset_cfg,
+            "weights": self.weights,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +244,13 @@ def shard_metadata(
     if dataset_cfg["kind"] != "synthetic":
         data["root"] = dataset_cfg["root"]
     has_masks = dataset_cfg["kind"] in datasets.KINDS_WITH_MASKS
+    vit_ckpt = model.ckpt
+    if model.weights is not None:
+        try:
+            weights.check_file(model.weights, f"models.{spec.model}.weights")
+        except weights.WeightsFileError as err:
+            raise PlanError(str(err)) from None
+        vit_ckpt = f"{model.ckpt}@sha256:{weights.file_sha256(model.weights)[:16]}"
     try:
         if dataset_cfg["kind"] in datasets.FOLDER_KINDS:
             scan = scan_dataset(dataset_cfg, rescan)
@@ -245,7 +259,7 @@ def shard_metadata(
             n_imgs = datasets.count_images(dataset_cfg)
         return shards.Metadata(
             vit_family=model.family,
-            vit_ckpt=model.ckpt,
+            vit_ckpt=vit_ckpt,
             layers=spec.layers,
             n_patches_per_img=model.n_patches_per_img,
             cls_token=model.cls_token,
@@ -499,6 +513,7 @@ def make_plan(config_dct: dict, rescan: bool = True) -> Plan:
                 dataset=spec.dataset,
                 dataset_cfg=dataset_cfgs[spec.dataset],
                 activations=spec,
+                weights=config_dct["models"][spec.model].get("weights"),
             ),
         )
     sweeps = {

@@ -13,6 +13,7 @@ Shape key: B = batch, L = recorded layers, T = tokens ([CLS] + patches), D = d_v
 
 import dataclasses
 import logging
+import pathlib
 import re
 import socket
 import urllib.parse
@@ -20,6 +21,8 @@ import urllib.parse
 import torch
 from open_clip.transformer import VisionTransformer
 from torchvision import transforms
+
+from . import weights
 
 # OpenAI CLIP's normalisation constants, used for the tiny ViT too.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -49,6 +52,8 @@ TINY_ARCHS = {
     "vit-tiny-p8-64": TinyArch(img_size=64, patch_size=8, width=64, layers=4, heads=4, seed=0),
     # CLIP ViT-B/16's architecture: realistic compute for benchmarks, still no download.
     "vit-b16-224": TinyArch(img_size=224, patch_size=16, width=768, layers=12, heads=12, seed=0),
+    # DINOv2 ViT-S/14's shape: the random-weight baseline for the real-model comparison.
+    "vit-s14-224": TinyArch(img_size=224, patch_size=14, width=384, layers=12, heads=6, seed=0),
 }
 
 
@@ -139,15 +144,21 @@ def parse_open_clip_ckpt(ckpt: str) -> tuple[str, str | None]:
 
 
 def build_open_clip(
-    ckpt: str, pretrained: bool = True
+    ckpt: str, pretrained: bool = True, weights_fpath: pathlib.Path | None = None
 ) -> tuple[torch.nn.Module, transforms.Compose]:
     """An open_clip vision tower (CLIP or SigLIP) and its transform.
 
-    `pretrained=False` builds the same architecture with random weights (tests, no download).
+    `pretrained=False` builds the same architecture with random weights (tests, no download);
+    `weights_fpath` loads a local checkpoint of the whole open_clip model instead of the cache's.
     """
     import open_clip
 
     arch, tag = parse_open_clip_ckpt(ckpt)
+    if weights_fpath is not None:
+        model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=None)
+        state = weights.read_state_dict(weights_fpath)
+        weights.load_into(model, state, weights_fpath, f"open_clip {arch}")
+        return model.visual.eval(), transform
     if pretrained:
         offline_unless_hub_reachable()
     try:
@@ -164,22 +175,38 @@ def build_open_clip(
     return model.visual.eval(), transform
 
 
-def build_dinov2(ckpt: str, pretrained: bool = True) -> tuple[torch.nn.Module, transforms.Compose]:
+def build_dinov2(
+    ckpt: str, pretrained: bool = True, weights_fpath: pathlib.Path | None = None
+) -> tuple[torch.nn.Module, transforms.Compose]:
     """DINOv2 (`dinov2_vit{s,b,l,g}14[_reg]`) as timm's port of the official weights, at 224 px
-    (16x16 patches; timm resamples the position embeddings when it loads them)."""
+    (16x16 patches; timm resamples the position embeddings when it loads them). `weights_fpath`
+    loads a local timm state dict instead (e.g. from `python -m saev_core.weights`)."""
     import timm
 
     timm_name = dinov2_timm_name(ckpt)
-    if pretrained:
-        offline_unless_hub_reachable()
-    try:
-        vit = timm.create_model(timm_name, pretrained=pretrained, img_size=DINOV2_IMG_SIZE)
-    except Exception as err:
-        raise WeightsError(
-            ckpt,
-            f"import timm; timm.create_model({timm_name!r}, pretrained=True)",
-            err,
-        ) from err
+    if weights_fpath is not None:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        vit = timm.create_model(timm_name, pretrained=False, img_size=DINOV2_IMG_SIZE)
+        state = weights.read_state_dict(weights_fpath)
+        try:
+            state = checkpoint_filter_fn(state, vit)  # resamples the position embeddings
+        except Exception as err:
+            raise weights.WeightsFileError(
+                f"{weights_fpath} does not fit {timm_name}: {type(err).__name__}: {err}"
+            ) from None
+        weights.load_into(vit, state, weights_fpath, timm_name)
+    else:
+        if pretrained:
+            offline_unless_hub_reachable()
+        try:
+            vit = timm.create_model(timm_name, pretrained=pretrained, img_size=DINOV2_IMG_SIZE)
+        except Exception as err:
+            raise WeightsError(
+                ckpt,
+                f"import timm; timm.create_model({timm_name!r}, pretrained=True)",
+                err,
+            ) from err
     transform = transforms.Compose(
         [
             transforms.Resize(DINOV2_IMG_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
@@ -247,18 +274,28 @@ def make_recorder(vit: torch.nn.Module, layers: list[int]) -> Recorder:
 
 
 def load(
-    family: str, ckpt: str, layers: list[int], pretrained: bool = True
+    family: str,
+    ckpt: str,
+    layers: list[int],
+    pretrained: bool = True,
+    weights_fpath: pathlib.Path | None = None,
 ) -> tuple[Recorder, transforms.Compose]:
     """A Recorder for `layers` of the named model, and the transform its images need.
 
-    `pretrained=False` builds the real architecture with random weights (tests, no download).
+    `pretrained=False` builds the real architecture with random weights (tests, no download);
+    `weights_fpath` loads a local weights file into it. `ckpt` may carry the weights' identity
+    after an `@` (as shard metadata records it), which is ignored here.
     """
+    ckpt = ckpt.split("@", 1)[0]
     if family == "tiny":
         vit, transform = build_tiny(ckpt)
+        if weights_fpath is not None:
+            state = weights.read_state_dict(weights_fpath)
+            weights.load_into(vit, state, weights_fpath, f"tiny {ckpt}")
     elif family in ("clip", "siglip"):
-        vit, transform = build_open_clip(ckpt, pretrained)
+        vit, transform = build_open_clip(ckpt, pretrained, weights_fpath)
     elif family == "dinov2":
-        vit, transform = build_dinov2(ckpt, pretrained)
+        vit, transform = build_dinov2(ckpt, pretrained, weights_fpath)
     else:
         raise ValueError(f"vit family must be one of {list(FAMILIES)}, got {family!r}")
     return make_recorder(vit, layers), transform

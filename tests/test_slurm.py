@@ -172,7 +172,8 @@ def test_embedded_default_on_slurm(cluster, tmp_path):
     second = subprocess.run(
         snakemake_argv(tmp_path), capture_output=True, text=True, env=env, timeout=300
     )
-    assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
+    output = second.stdout + second.stderr
+    assert second.returncode == 0 and "Nothing to be done" in output, output[-6000:]
     recorder.poll()
     assert len(recorder.jobs) == n_jobs
 
