@@ -10,12 +10,15 @@ so the difference is the shared work a group does once.
 
     python benchmarks/train.py [--steps 12] [--device cpu]
 
-The last line is `BENCH group8_vs_singles=<group time / singles time> target<=0.8`.
+It prints `BENCH group8_vs_singles=<group time / singles time> target<=0.8`, then, from the group
+job's own log (every training job ends with `data wait X % of Y s`), the share of its training
+loop spent waiting for the loader's next batch: `BENCH train_data_wait=<fraction> target<=0.02`.
 """
 
 import argparse
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,8 +33,11 @@ SAES = {
 }
 
 
-def run_job(saes: dict, shards_dpath: pathlib.Path, out_dpath: pathlib.Path, steps: int, device):
-    """One training job in its own process; returns its wall time in seconds."""
+def run_job(
+    saes: dict, shards_dpath: pathlib.Path, out_dpath: pathlib.Path, steps: int, device
+) -> tuple[float, float]:
+    """One training job in its own process; returns its wall time in seconds and the fraction
+    of its training loop it spent waiting for data (from its log)."""
     stream = {"layer": -1, "tokens": "all", "batch_size": BATCH, "n_train": BATCH * steps}
     common = {**stream, "seed": 0, "lr": 1e-3, "warmup_steps": 2, "exp_factor": 8}
     group = {"stream": {**stream, "seed": 0}, "saes": {i: {**common, **c} for i, c in saes.items()}}
@@ -42,8 +48,10 @@ def run_job(saes: dict, shards_dpath: pathlib.Path, out_dpath: pathlib.Path, ste
     argv += ["--work-dpath", str(out_dpath.with_name(out_dpath.name + "-work"))]
     argv += ["--checkpoint-every", "0", "--device", device]
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    job = subprocess.run(argv, check=True, capture_output=True, text=True)
+    elapsed_s = time.perf_counter() - t0
+    wait_percent = float(re.search(r"data wait ([\d.]+) %", job.stderr)[1])
+    return elapsed_s, wait_percent / 100
 
 
 def main():
@@ -57,9 +65,11 @@ def main():
         n_imgs = -(-BATCH * args.steps // N_TOKENS)
         reader = write_random_shards(tmp_dpath / "shards", n_imgs, D_VIT, N_TOKENS, 128)
         shards_dpath = reader.dpath
-        group_s = run_job(SAES, shards_dpath, tmp_dpath / "group", args.steps, args.device)
+        group_s, data_wait = run_job(
+            SAES, shards_dpath, tmp_dpath / "group", args.steps, args.device
+        )
         single_s = [
-            run_job({i: c}, shards_dpath, tmp_dpath / i, args.steps, args.device)
+            run_job({i: c}, shards_dpath, tmp_dpath / i, args.steps, args.device)[0]
             for i, c in SAES.items()
         ]
 
@@ -69,6 +79,7 @@ def main():
         f"8 single-SAE jobs:    {sum(single_s):7.1f} s  ({', '.join(f'{s:.1f}' for s in single_s)})"
     )
     print(f"BENCH group8_vs_singles={group_s / sum(single_s):.3f} target<=0.8")
+    print(f"BENCH train_data_wait={data_wait:.4f} target<=0.02")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,12 @@ class SaeConfig:
     """Subtract the data mean and scale to mean squared norm d_vit; constants are stored."""
     seed: int = 0
     """Seed of the weight initialisation."""
+    b_dec_init: str = "mean"
+    """`mean`: b_dec starts at the first batch's mean; `zero`: at 0 (saev's trainer)."""
+    init_from_data: bool = False
+    """Decoder rows start from first-batch vectors (minus b_dec, unit norm) blended 0.8 with
+    random directions, the encoder as the decoder's transpose (saev's `reinit_blend`); else
+    random unit rows. Pair it with `grad_clip`: without it the quality benchmark diverged."""
     subtract_b_dec: bool = True
     """The encoder reads `x - b_dec` (ours, and saev before f5d892c); saev's later encoders read
     `x` itself, which loaded checkpoints of theirs keep."""
@@ -107,6 +113,8 @@ class SaeConfig:
             raise ConfigError("aux_coeff", f"must be >= 0, got {self.aux_coeff}")
         if self.dead_tokens < 1:
             raise ConfigError("dead_tokens", f"must be at least 1, got {self.dead_tokens}")
+        if self.b_dec_init not in ("mean", "zero"):
+            raise ConfigError("b_dec_init", f"must be 'mean' or 'zero', got {self.b_dec_init!r}")
 
     @property
     def d_sae(self) -> int:
@@ -144,8 +152,12 @@ class TrainConfig:
     """Linear warm-up steps of the sparsity coefficient."""
     normalize: bool = False
     """Subtract the data mean and scale to mean squared norm d_vit (constants stored in sae.pt)."""
+    grad_clip: float = 0.0
+    """Clip each SAE's gradient to this global norm before the update; 0 is off."""
 
     def __post_init__(self):
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip", f"must be >= 0, got {self.grad_clip}")
         if self.tokens not in TOKENS:
             raise ConfigError("tokens", f"must be one of {list(TOKENS)}, got {self.tokens!r}")
         if self.lr_schedule not in LR_SCHEDULES:

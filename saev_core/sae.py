@@ -24,8 +24,17 @@ from . import checkpoints, shards
 from .config import SaeConfig
 
 JUMPRELU_INIT_THRESHOLD = 1e-3
+"""Before training sees data; `init_from_batch` replaces it."""
+JUMPRELU_INIT_FIRING = 0.1
+"""JumpReLU thresholds start where each latent fires on this fraction of the first batch."""
+JUMPRELU_THRESHOLD_LR_SCALE = 10.0
+"""JumpReLU's log-thresholds learn this much faster than the weights: at the weights' rate Adam
+moves them by at most ~lr per step (a factor 1.5 over the embedded default's 128 steps), too
+little for the L0 penalty to matter (L0 6.9 to 5.9 for coefficients 1e-5 to 1; 8.4 to 2.5 with
+10x)."""
 JUMPRELU_BANDWIDTH = 1e-3
-"""Width of the straight-through estimator's window around the JumpReLU threshold."""
+"""Width of the straight-through estimator's window around the JumpReLU threshold, in units of
+the pre-activations' RMS on the first batch (the published 0.001 on unit-scale inputs)."""
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.9
 
 
@@ -131,6 +140,8 @@ class SaeParams(torch.nn.Module):
             torch.full((len(cfgs), d_sae), math.log(JUMPRELU_INIT_THRESHOLD))
         )
         self.register_buffer("threshold", torch.zeros(len(cfgs)))  # batchtopk, inference
+        # JumpReLU's straight-through window, in data units (training only).
+        self.register_buffer("bandwidth", torch.full((len(cfgs), 1, 1), JUMPRELU_BANDWIDTH))
         self.register_buffer("x_mean", torch.zeros(len(cfgs), d_vit))
         self.register_buffer("x_scale", torch.ones(len(cfgs)))
         self.kind = cfgs[0].activation
@@ -168,7 +179,7 @@ class SaeParams(torch.nn.Module):
         if self.kind == "batchtopk":
             return pre_MBF.relu() * (pre_MBF > self.threshold[:, None, None])
         theta_M1F = self.log_threshold.exp()[:, None]
-        return JumpReluFn.apply(pre_MBF, theta_M1F, JUMPRELU_BANDWIDTH)
+        return JumpReluFn.apply(pre_MBF, theta_M1F, self.bandwidth)
 
     def decode(self, f_MBF: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.b_dec[:, None], f_MBF, self.W_dec)
@@ -179,6 +190,20 @@ def init_decoder(cfg: SaeConfig) -> torch.Tensor:
     gen = torch.Generator().manual_seed(cfg.seed)
     W_dec_FD = torch.randn(cfg.d_sae, cfg.d_vit, generator=gen)
     return W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True)
+
+
+INIT_BLEND = 0.8
+"""Share of a data vector in a data-initialised decoder row (saev's `reinit_blend`)."""
+
+
+def data_decoder(cfg: SaeConfig, x_BD: torch.Tensor) -> torch.Tensor:
+    """Unit decoder rows (F, D) pointing mostly at training vectors: each a blend of one vector
+    of the batch (drawn with the SAE's seed) and a random direction."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows = torch.randint(len(x_BD), (cfg.d_sae,), generator=gen)
+    data_FD = torch.nn.functional.normalize(x_BD[rows.to(x_BD.device)], dim=1)
+    random_FD = init_decoder(cfg).to(x_BD.device)
+    return torch.nn.functional.normalize(INIT_BLEND * data_FD + (1 - INIT_BLEND) * random_FD, dim=1)
 
 
 class StackedSaes(SaeParams):
@@ -193,13 +218,29 @@ class StackedSaes(SaeParams):
 
     @torch.no_grad()
     def init_from_batch(self, x_BD: torch.Tensor):
-        """Normalisation constants (for SAEs that normalise) and b_dec from the first batch."""
+        """Normalisation constants (for SAEs that normalise) and b_dec from the first batch; for
+        JumpReLU, thresholds where each latent fires on `JUMPRELU_INIT_FIRING` of the batch and
+        the estimator's window scaled to the pre-activations, so the L0 penalty moves the
+        thresholds whatever the data's scale (a fixed 0.001 sat below almost every value)."""
         mean_D = x_BD.mean(dim=0)
         scale = math.sqrt(x_BD.shape[1]) / (x_BD - mean_D).norm(dim=1).mean()
         for m, cfg in enumerate(self.cfgs):
             if cfg.normalize:
                 self.x_mean[m], self.x_scale[m] = mean_D, scale
-        self.b_dec.copy_(self.normalize(x_BD).mean(dim=1))
+        x_MBD = self.normalize(x_BD)
+        zero_M1 = torch.tensor([[c.b_dec_init == "zero"] for c in self.cfgs], device=x_BD.device)
+        self.b_dec.copy_(torch.where(zero_M1, 0.0, x_MBD.mean(dim=1)))
+        for m, cfg in enumerate(self.cfgs):
+            if cfg.init_from_data:
+                self.W_dec[m] = data_decoder(cfg, x_MBD[m] - self.b_dec[m])
+                self.W_enc[m] = self.W_dec[m].T
+        if self.kind == "jumprelu":
+            pre_MBF = self.pre_acts(self.normalize(x_BD[:4096]))
+            rank = max(1, math.ceil((1 - JUMPRELU_INIT_FIRING) * pre_MBF.shape[1]))
+            theta_MF = pre_MBF.kthvalue(rank, dim=1).values.clamp_min(1e-6)
+            self.log_threshold.copy_(theta_MF.log())
+            rms_M = pre_MBF.pow(2).mean(dim=(1, 2)).sqrt()
+            self.bandwidth.copy_(JUMPRELU_BANDWIDTH * rms_M[:, None, None])
 
     def loss(self, x_BD: torch.Tensor, sparsity_scale_M: torch.Tensor) -> Loss:
         """Per-SAE losses; `sparsity_scale_M` is the sparsity warm-up factor in [0, 1]."""
@@ -227,7 +268,7 @@ class StackedSaes(SaeParams):
             return l1_M
         if self.kind == "jumprelu":
             theta_M1F = self.log_threshold.exp()[:, None]
-            return StepFn.apply(pre_MBF, theta_M1F, JUMPRELU_BANDWIDTH).sum(dim=-1).mean(dim=1)
+            return StepFn.apply(pre_MBF, theta_M1F, self.bandwidth).sum(dim=-1).mean(dim=1)
         return torch.zeros_like(l1_M)
 
     def matryoshka_mse(self, f_MBF, x_MBD, mse_M) -> torch.Tensor:

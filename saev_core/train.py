@@ -34,10 +34,18 @@ CHECKPOINT_FNAME = "checkpoint.pt"
 
 class StackedAdam:
     """Adam over stacked parameters with one learning rate per SAE (leading axis), the same
-    update as `torch.optim.Adam` applied to each SAE alone."""
+    update as `torch.optim.Adam` applied to each SAE alone; `lr_scales` multiplies the learning
+    rate of each parameter (default 1)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], betas=(0.9, 0.999), eps=1e-8):
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        lr_scales: list[float] | None = None,
+    ):
         self.params, self.betas, self.eps = params, betas, eps
+        self.lr_scales = lr_scales or [1.0] * len(params)
         self.t = 0
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
@@ -52,13 +60,15 @@ class StackedAdam:
         beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1**self.t
         bias_correction2_sqrt = math.sqrt(1 - beta2**self.t)
-        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+        for p, exp_avg, exp_avg_sq, scale in zip(
+            self.params, self.exp_avg, self.exp_avg_sq, self.lr_scales, strict=True
+        ):
             if p.grad is None:
                 continue
             exp_avg.lerp_(p.grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            step_size = (lr_M / bias_correction1).view(-1, *([1] * (p.dim() - 1)))
+            step_size = (scale * lr_M / bias_correction1).view(-1, *([1] * (p.dim() - 1)))
             p.sub_(step_size * exp_avg / denom)
 
     def state_dict(self) -> dict:
@@ -70,6 +80,25 @@ class StackedAdam:
             self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"], strict=True
         ):
             mine.copy_(saved)
+
+
+class WaitTimer:
+    """An iterator's items, adding up the seconds spent waiting for each (here: for the loader's
+    next batch, its gather included), so a job can say what share of its time data took."""
+
+    def __init__(self, iterable):
+        self.iterator = iter(iterable)
+        self.wait_s = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.wait_s += time.perf_counter() - t0
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -85,7 +114,9 @@ class Stack:
         self.trains = [specs[sae_id].train for sae_id in self.sae_ids]
         self.n_steps = n_steps
         self.model = sae.StackedSaes([specs[sae_id].sae for sae_id in self.sae_ids]).to(device)
-        self.optimizer = StackedAdam(list(self.model.parameters()))
+        names, params = zip(*self.model.named_parameters(), strict=True)
+        scales = [sae.JUMPRELU_THRESHOLD_LR_SCALE if n == "log_threshold" else 1.0 for n in names]
+        self.optimizer = StackedAdam(list(params), lr_scales=scales)
         self.device = device
 
     def lr(self, step: int) -> torch.Tensor:
@@ -118,9 +149,22 @@ class Stack:
         self.optimizer.zero_grad()
         losses.loss.sum().backward()  # independent SAEs: each gets its own loss's gradient
         self.model.remove_parallel_grads()
+        self.clip_grads()
         self.optimizer.step(lr_M)
         self.model.normalize_decoder()
         return losses, lr_M, self.model.sparsity_coeff * scale_M
+
+    @torch.no_grad()
+    def clip_grads(self):
+        """Scale each SAE's gradient (all its parameters together) down to `grad_clip`."""
+        clip_M = torch.tensor([c.grad_clip for c in self.trains], device=self.device)
+        if not (clip_M > 0).any():
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm_M = torch.stack([g.flatten(1).pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()
+        scale_M = torch.where(clip_M > 0, (clip_M / (norm_M + 1e-6)).clamp(max=1.0), 1.0)
+        for g in grads:
+            g.mul_(scale_M.view(-1, *([1] * (g.dim() - 1))))
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -204,8 +248,9 @@ def train_locked(
     wandb_run = tracking.WandbRun(wandb_project, out_dpath.name, group) if wandb_project else None
 
     t0 = time.perf_counter()
+    timed_batches = WaitTimer(batches)
     try:
-        for step, x_BD in enumerate(batches, start=first_step):
+        for step, x_BD in enumerate(timed_batches, start=first_step):
             x_BD = x_BD.to(torch_device, non_blocking=True)
             is_log_step = step % log_every == 0 or step == len(batches) - 1
             rows = {}
@@ -238,6 +283,14 @@ def train_locked(
             log_fd.close()
         if wandb_run:
             wandb_run.finish()
+    total_s = time.perf_counter() - t0
+    wait_s = timed_batches.wait_s
+    logger.info(
+        "data wait %.1f %% of %.0f s (%.1f s waiting for batches)",
+        100 * wait_s / max(total_s, 1e-9),
+        total_s,
+        wait_s,
+    )
 
     models = {
         sae_id: stack.model.member(m)
@@ -297,11 +350,28 @@ def resume(
     if ckpt["group"] != group:
         logger.warning("%s belongs to another configuration; starting over", fpath)
         return 0
+    if not checkpoint_fits(ckpt, stacks):
+        logger.warning("%s was written by other training code; starting over", fpath)
+        return 0
     for name, stack in stacks.items():
         stack.load_state_dict(ckpt["stacks"][name])
     batches.load_state_dict(ckpt["loader"])
     logger.info("resuming from %s at step %d", fpath, ckpt["step"])
     return ckpt["step"]
+
+
+def checkpoint_fits(ckpt: dict, stacks: dict[str, Stack]) -> bool:
+    """Whether a checkpoint holds exactly the tensors (names, shapes) these stacks have; one from
+    an older version of the code (a rerun after a code change) may not."""
+    if set(ckpt["stacks"]) != set(stacks):
+        return False
+    for name, stack in stacks.items():
+        saved, current = ckpt["stacks"][name]["model"], stack.model.state_dict()
+        if {k: tuple(v.shape) for k, v in saved.items()} != {
+            k: tuple(v.shape) for k, v in current.items()
+        }:
+            return False
+    return True
 
 
 def save_checkpoint(
