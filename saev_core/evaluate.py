@@ -1,11 +1,10 @@
 """Evaluate one SAE on held-out activations (SPEC §7).
 
 Run as `python -m saev_core.evaluate --sae-fpath .../sae.pt --layer -1 --tokens patches
---shards-dpath results/shards/<HASH>
---shards-spec-fpath results/specs/shards/<HASH>.json --out-dpath results/<sweep>/saes/<sae>
---device auto` (the spec names the dataset, whose class names label concepts). The SAE may be of
-any checkpoint layout, ours or saev's. Uses the layer and token kind the
-SAE was trained on. Writes `metrics.json` (scalars, one sweep-table row), `latents.npz` (per-latent
+--shards-dpath results/shards/<HASH> --shards-spec-fpath results/specs/shards/<HASH>.json
+--out-dpath results/<sweep>/saes/<sae> --device auto` (the spec names the dataset, whose class
+names label concepts). The SAE may be of any checkpoint layout, ours or saev's; `--layer` and
+`--tokens` say what it reads (the plan passes what it was trained on). Writes `metrics.json` (scalars, one sweep-table row), `latents.npz` (per-latent
 firing frequency and mean value when firing), `histograms.png`, `concepts.csv` (per label
 class, the latent that predicts it best; empty where the shards have no `labels.bin`) and
 `concept_candidates.csv` (every scored class-latent pair with its rank in the class, which the

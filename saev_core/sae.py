@@ -235,7 +235,7 @@ class StackedSaes(SaeParams):
                 self.W_dec[m] = data_decoder(cfg, x_MBD[m] - self.b_dec[m])
                 self.W_enc[m] = self.W_dec[m].T
         if self.kind == "jumprelu":
-            pre_MBF = self.pre_acts(self.normalize(x_BD[:4096]))
+            pre_MBF = self.pre_acts(x_MBD[:, :4096])
             rank = max(1, math.ceil((1 - JUMPRELU_INIT_FIRING) * pre_MBF.shape[1]))
             theta_MF = pre_MBF.kthvalue(rank, dim=1).values.clamp_min(1e-6)
             self.log_threshold.copy_(theta_MF.log())

@@ -1,8 +1,7 @@
 """Find, for every latent of an SAE, the images that activate it most (SPEC §8).
 
 Run as `python -m saev_core.topk --sae-fpath .../sae.pt --layer -1 --tokens patches
---shards-dpath results/shards/<HASH>
---top-k 16 --percentile 99 --out-fpath .../topk.npz`. One ordered pass; memory is
+--shards-dpath results/shards/<HASH> --top-k 16 --percentile 99 --out-fpath .../topk.npz`. One ordered pass; memory is
 O(d_sae * (top_k + n_bins)), never O(d_sae * top_k * n_patches): heatmaps are recomputed later for
 the few images rendered.
 

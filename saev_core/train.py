@@ -118,6 +118,9 @@ class Stack:
         scales = [sae.JUMPRELU_THRESHOLD_LR_SCALE if n == "log_threshold" else 1.0 for n in names]
         self.optimizer = StackedAdam(list(params), lr_scales=scales)
         self.device = device
+        # Fixed per SAE: built once, so a step needs no host-device copy or sync to read them.
+        self.grad_clip_M = torch.tensor([t.grad_clip for t in self.trains], device=device)
+        self.clips = any(t.grad_clip > 0 for t in self.trains)
 
     def lr(self, step: int) -> torch.Tensor:
         """Linear warm-up, then constant or cosine decay to zero at the last step."""
@@ -157,9 +160,9 @@ class Stack:
     @torch.no_grad()
     def clip_grads(self):
         """Scale each SAE's gradient (all its parameters together) down to `grad_clip`."""
-        clip_M = torch.tensor([c.grad_clip for c in self.trains], device=self.device)
-        if not (clip_M > 0).any():
+        if not self.clips:
             return
+        clip_M = self.grad_clip_M
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm_M = torch.stack([g.flatten(1).pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()
         scale_M = torch.where(clip_M > 0, (clip_M / (norm_M + 1e-6)).clamp(max=1.0), 1.0)

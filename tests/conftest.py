@@ -1,7 +1,10 @@
 """Shared fixtures: a small synthetic image set, its tiny-ViT shard directory, a trained group."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -12,6 +15,32 @@ IMG_SIZE = 64
 LAYERS = (-2, -1)
 # 65 tokens x 2 layers per image: 16 images per shard, so 3 shards with a short last one.
 MAX_PATCHES_PER_SHARD = 130 * 16
+REPO = pathlib.Path(__file__).parent.parent
+
+
+def snakemake_argv(workdir: pathlib.Path, *args: str, repo: pathlib.Path = REPO) -> list[str]:
+    """This interpreter's Snakemake on `repo`'s workflow, run in `workdir`."""
+    snakefile = str(repo / "Snakefile")
+    return [sys.executable, "-m", "snakemake", "-s", snakefile, "--directory", str(workdir), *args]
+
+
+def snakemake_env(**extra: str) -> dict[str, str]:
+    """The environment with this venv first on PATH, so jobs run `python -m saev_core` from it."""
+    return {
+        **os.environ,
+        "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+        **extra,
+    }
+
+
+def run_snakemake(workdir: pathlib.Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        snakemake_argv(workdir, *args),
+        capture_output=True,
+        text=True,
+        env=snakemake_env(),
+        **kwargs,
+    )
 
 
 def tiny_metadata(n_imgs: int = N_IMGS, **overrides) -> shards.Metadata:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import group_spec, tiny_metadata
+from conftest import group_spec, run_snakemake, tiny_metadata
 
 from saev_core import datasets, dump, evaluate, plan, render, sae, shards, topk, train
 
@@ -118,10 +118,7 @@ def folder_config(root: pathlib.Path) -> dict:
 
 
 def snakemake(workdir: pathlib.Path, config_fpath: pathlib.Path, *args: str):
-    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
-    argv = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
-    argv += ["--directory", str(workdir), "--configfile", str(config_fpath), "--cores", "2"]
-    return subprocess.run([*argv, *args], capture_output=True, text=True, env=env)
+    return run_snakemake(workdir, "--configfile", str(config_fpath), "--cores", "2", *args)
 
 
 def test_an_image_changed_in_place_makes_the_dump_stale(tmp_path):

@@ -5,12 +5,11 @@ import dataclasses
 import json
 import pathlib
 import re
-import subprocess
-import sys
 
 import polars as pl
 import pytest
 import yaml
+from conftest import run_snakemake
 
 from saev_core import checkpoints, plan, summarize
 from saev_core import config as saev_config
@@ -33,12 +32,7 @@ def dry_run(config: dict | pathlib.Path, workdir: pathlib.Path, *args: str):
         config_fpath.write_text(yaml.safe_dump(config))
     else:
         config_fpath = config
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), *args]
-        + ["--directory", str(workdir), "--configfile", str(config_fpath)],
-        capture_output=True,
-        text=True,
-    )
+    return run_snakemake(workdir, "-n", "--configfile", str(config_fpath), *args)
 
 
 def test_expand_grid_lists_and_alternatives():

@@ -8,8 +8,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
@@ -17,6 +15,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import run_snakemake
 
 from saev_core import datasets, photos, vits, weights
 
@@ -137,21 +136,8 @@ def test_real_model_chain_ends_with_a_browser(dinov2_fpath, photos_dpath, tmp_pa
         },
     }
     (tmp_path / "real.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-        ]
-        + ["--configfile", str(tmp_path / "real.yaml"), "--cores", "2", "all"],
-        capture_output=True,
-        text=True,
-        env=env,
+    result = run_snakemake(
+        tmp_path, "--configfile", str(tmp_path / "real.yaml"), "--cores", "2", "all"
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     summary = pl.read_csv(tmp_path / "results" / "real" / "summary.csv")

@@ -11,13 +11,13 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
 import yaml
+from conftest import snakemake_argv, snakemake_env
 
 from saev_core import plan, sae, train
 
@@ -87,21 +87,6 @@ class JobRecorder(threading.Thread):
         return by_rule
 
 
-def snakemake_argv(workdir: pathlib.Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--profile",
-        str(REPO / "profiles" / "ci-slurm"),
-        "all",
-    ]
-
-
 def cancel_a_training_job_after_its_checkpoint(workdir: pathlib.Path, proc) -> str:
     """Wait for a group's first checkpoint, `scancel` its job; return the group id."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -121,7 +106,8 @@ def cancel_a_training_job_after_its_checkpoint(workdir: pathlib.Path, proc) -> s
 
 
 def test_embedded_default_on_slurm(cluster, tmp_path):
-    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = snakemake_env()
+    argv = snakemake_argv(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"), "all")
     (tmp_path / "config").mkdir()
     config_fpath = tmp_path / "config" / "experiments.yaml"
     config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
@@ -132,7 +118,7 @@ def test_embedded_default_on_slurm(cluster, tmp_path):
     recorder.start()
     log_fpath = tmp_path / "snakemake.log"
     with open(log_fpath, "w") as log_fd:
-        proc = subprocess.Popen(snakemake_argv(tmp_path), stdout=log_fd, stderr=log_fd, env=env)
+        proc = subprocess.Popen(argv, stdout=log_fd, stderr=log_fd, env=env)
         try:
             group = cancel_a_training_job_after_its_checkpoint(tmp_path, proc)
             assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, log_fpath.read_text()[-5000:]
@@ -169,9 +155,7 @@ def test_embedded_default_on_slurm(cluster, tmp_path):
 
     # A second run has nothing to submit.
     n_jobs = len(recorder.jobs)
-    second = subprocess.run(
-        snakemake_argv(tmp_path), capture_output=True, text=True, env=env, timeout=300
-    )
+    second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     output = second.stdout + second.stderr
     assert second.returncode == 0 and "Nothing to be done" in output, output[-6000:]
     recorder.poll()

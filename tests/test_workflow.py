@@ -2,17 +2,16 @@
 
 import hashlib
 import json
-import os
 import pathlib
 import re
 import shutil
 import subprocess
-import sys
 import zipfile
 
 import polars as pl
 import pytest
 import yaml
+from conftest import snakemake_argv, snakemake_env
 
 REPO = pathlib.Path(__file__).parent.parent
 
@@ -79,25 +78,19 @@ CONFIG = {
 def snakemake(workdir: pathlib.Path, *args: str, repo: pathlib.Path = REPO) -> str:
     """Run Snakemake on `workdir` with the workflow and `saev_core` of `repo` (first on the
     path, for the snakemake process and its jobs alike)."""
-    env = {
-        **os.environ,
-        "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
-        "PYTHONPATH": str(repo),
-    }
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "Snakefile"),
-            "--directory",
-            str(workdir),
-        ]
-        + ["--configfile", str(workdir / "experiments.yaml"), "--cores", "2", *args],
+        snakemake_argv(
+            workdir,
+            "--configfile",
+            str(workdir / "experiments.yaml"),
+            "--cores",
+            "2",
+            *args,
+            repo=repo,
+        ),
         capture_output=True,
         text=True,
-        env=env,
+        env=snakemake_env(PYTHONPATH=str(repo)),
         cwd=workdir,
     )
     output = result.stdout + result.stderr
