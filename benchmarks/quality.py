@@ -1,24 +1,31 @@
-"""Are our SAEs as good as saev's trainer makes them? ReLU+L1 NMSE at a given L0, and TopK.
+"""Are our SAEs as good as saev's trainer makes them, and JumpReLU as good as TopK?
 
 The setup of the measurement that compared the two trainers side by side: the `vit-b16-224`
 random-weight ViT-B/16 (the `tiny` family) on 1,536 synthetic 224-px images, layer -2, patch
 tokens (301,056 vectors of width 768), held out: 256 more images. One group job trains a ReLU+L1
-sweep spanning L0 ~8-40 and TopK k=16, 32, with saev's trainer's hyper-parameters: d_sae 3,072,
+sweep spanning L0 ~8-40, TopK k=16, 32 and a JumpReLU sweep over four decades of its L0
+coefficient, with saev's trainer's hyper-parameters: d_sae 3,072,
 batch 512, one epoch (588 steps), Adam lr 2e-3, 50 warm-up steps then cosine, seed 0, no AuxK,
 unit-norm decoder with the parallel gradient removed, loss = per-element MSE + c * sum(f).
 NMSE = SSE / SSE of the held-out mean (the evaluation's `normalized_mse`).
 
-    python benchmarks/quality.py [--work-dpath results/benchmarks/quality] [--ablate]
+    python benchmarks/quality.py [--work-dpath results/benchmarks/quality] [--seed 0] [--ablate]
 
 The dump is cached in `--work-dpath` (6-7 minutes on a 2-core CPU the first time); training and
-evaluation take about 10 more. `--ablate` also trains, in the same group, the ReLU sweep with one
+evaluation take about 30 more. `--seed` changes the SAEs' initialisation and data order (the
+images stay), for the seed-to-seed spread. `--ablate` also trains, in the same group, the ReLU sweep with one
 of saev's trainer's choices at a time (b_dec starting at 0, decoder rows from data points,
 gradient-norm clipping at 1), the last two together and all three together (also for TopK k=16),
 and prints a row per variant: about 55 minutes more. It ends with
-`BENCH relu_nmse_at_l0_20=<NMSE> target<=0.134` (saev's trainer: ~0.134 there, interpolated).
+`BENCH relu_nmse_at_l0_20=<NMSE> target<=0.134` (saev's trainer: ~0.134 there, interpolated),
+the JumpReLU sweep's smallest L0 ratio between coefficients a decade apart and its span
+(`jumprelu_l0_decade_ratio_min=<r> target>=1.1`, `jumprelu_l0_span=<r> target>=10`), and JumpReLU's
+NMSE at L0 16 and 32 (interpolated) over TopK's at that k
+(`jumprelu_vs_topk_nmse_at_l0_16=<ratio> target<=1.0`, and at 32).
 """
 
 import argparse
+import itertools
 import math
 import pathlib
 import time
@@ -32,6 +39,10 @@ LAYER = -2
 RELU_COEFFS = (2.5e-3, 3.2e-3, 4.2e-3, 5.5e-3, 8e-3, 1.1e-2)
 """L1 coefficients of the ReLU sweep: L0 ~42 down to ~8 with the defaults."""
 TOPK_KS = (16, 32)
+JUMPRELU_DECADES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+"""L0 coefficients of the JumpReLU sweep that must give a strictly falling L0 (the issue 20 check)."""
+JUMPRELU_COEFFS = tuple(sorted((*JUMPRELU_DECADES, 5e-4, 2e-3)))
+"""Plus two between them, where JumpReLU's L0 crosses 32 and 16 (for the comparison with TopK)."""
 VARIANTS = {
     "ours": {},
     "b_dec 0": {"b_dec_init": "zero"},
@@ -71,13 +82,13 @@ def shard_dpath(work_dpath: pathlib.Path, name: str, n_imgs: int, seed: int) -> 
     return dpath
 
 
-def group(variants: list[str]) -> dict:
+def group(variants: list[str], seed: int = 0) -> dict:
     stream = {
         "layer": LAYER,
         "tokens": "patches",
         "batch_size": 512,
         "n_train": 512 * 588,
-        "seed": 0,
+        "seed": seed,
     }
     common = {
         **stream,
@@ -97,6 +108,8 @@ def group(variants: list[str]) -> dict:
             }
     for k in TOPK_KS:
         saes[f"ours|topk {k}"] = {**common, "activation": "topk", "k": k}
+    for c in JUMPRELU_COEFFS:
+        saes[f"ours|jumprelu {c:g}"] = {**common, "activation": "jumprelu", "sparsity_coeff": c}
     if "all three" in variants:
         saes["all three|topk 16"] = {
             **common,
@@ -108,7 +121,8 @@ def group(variants: list[str]) -> dict:
 
 
 def nmse_at(points: list[tuple[float, float]], l0: float) -> float:
-    """NMSE at `l0`, interpolated linearly in log L0 between the sweep's points (nan outside)."""
+    """NMSE (or any value) at `l0`, interpolated linearly in log L0 between the sweep's
+    (L0, value) points (nan outside)."""
     points = sorted(points)
     log_l0 = [math.log(p[0]) for p in points]
     return float(np.interp(math.log(l0), log_l0, [p[1] for p in points], left=np.nan, right=np.nan))
@@ -125,14 +139,17 @@ def main():
         "--ablate", action="store_true", help="also train saev's choices, one at a time"
     )
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="SAE initialisation and data order")
     args = parser.parse_args()
     t0 = time.perf_counter()
     train_dpath = shard_dpath(args.work_dpath, "train", N_TRAIN_IMGS, seed=0)
     val_reader = shards.ShardReader(shard_dpath(args.work_dpath, "val", N_VAL_IMGS, seed=1))
     t_dump = time.perf_counter() - t0
     variants = list(VARIANTS) if args.ablate else ["ours"]
-    spec = group(variants)
-    out_dpath = args.work_dpath / ("group-ablate" if args.ablate else "group")
+    spec = group(variants, args.seed)
+    out_dpath = args.work_dpath / (
+        f"group-ablate-seed{args.seed}" if args.ablate else f"group-seed{args.seed}"
+    )
     models = train.train_group(spec, train_dpath, out_dpath, device=args.device, log_every=100)
     t_train = time.perf_counter() - t0 - t_dump
     results = {
@@ -159,8 +176,31 @@ def main():
         print(f"{variant:<14}" + "".join(f"  {v:11.3f}" for v in at))
         if variant == "ours":
             headline = at[1]
+    jumprelu = {c: results[f"ours|jumprelu {c:g}"] for c in JUMPRELU_COEFFS}
+    decade_l0 = [jumprelu[c]["l0"] for c in JUMPRELU_DECADES]
+    ratios = [hi / lo for hi, lo in itertools.pairwise(decade_l0)]
+    print(
+        "JumpReLU L0 by coefficient: "
+        + ", ".join(f"{c:g}: {m['l0']:.1f}" for c, m in jumprelu.items())
+    )
+    print("L0 ratio a decade apart: " + ", ".join(f"{r:.2f}" for r in ratios))
+    points = [(m["l0"], m["normalized_mse"]) for m in jumprelu.values()]
+    dead = [(m["l0"], m["n_dead"] / m["d_sae"]) for m in jumprelu.values()]
+    vs_topk = {}
+    for k in TOPK_KS:
+        topk_m = results[f"ours|topk {k}"]
+        vs_topk[k] = nmse_at(points, k) / topk_m["normalized_mse"]
+        print(
+            f"L0 {k}: JumpReLU NMSE {nmse_at(points, k):.4f}, {nmse_at(dead, k):.1%} dead "
+            f"(interpolated); TopK k={k} {topk_m['normalized_mse']:.4f}, "
+            f"{topk_m['n_dead'] / topk_m['d_sae']:.1%} dead"
+        )
     print(f"total {time.perf_counter() - t0:.0f} s")
     print(f"BENCH relu_nmse_at_l0_20={headline:.4f} target<=0.134")
+    print(f"BENCH jumprelu_l0_decade_ratio_min={min(ratios):.3f} target>=1.1")
+    print(f"BENCH jumprelu_l0_span={decade_l0[0] / decade_l0[-1]:.1f} target>=10")
+    for k in TOPK_KS:
+        print(f"BENCH jumprelu_vs_topk_nmse_at_l0_{k}={vs_topk[k]:.3f} target<=1.0")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -273,7 +274,10 @@ def test_a_full_disk_says_no_space_left_and_the_dump_resumes(small_disk, dataset
 
 
 def test_a_second_job_for_a_group_refuses_and_the_first_finishes(shards_dpath, tmp_path):
-    spec = group_spec(n_train=256 * 6000, relu={"activation": "relu", "sparsity_coeff": 0.01})
+    """Event-driven, so it holds on a loaded machine: the first job is frozen (SIGSTOP) once it
+    holds the group's lock, the second runs against it, then the first is let go."""
+    # ~10 s of training on an idle machine: the lock is seen long before the job could finish.
+    spec = group_spec(n_train=256 * 1500, relu={"activation": "relu", "sparsity_coeff": 0.01})
     spec_fpath = tmp_path / "group.json"
     spec_fpath.write_text(json.dumps(spec))
     out_dpath, work_dpath = tmp_path / "group", tmp_path / "work"
@@ -281,16 +285,25 @@ def test_a_second_job_for_a_group_refuses_and_the_first_finishes(shards_dpath, t
     argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
     argv += ["--work-dpath", str(work_dpath), "--checkpoint-every", "50", "--device", "cpu"]
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (work_dpath / train.CHECKPOINT_FNAME).exists() and time.monotonic() < deadline:
+    lock_fpath = work_dpath / train.LOCK_FNAME
+    # The holder writes its pid into the lock file once the lock is taken; the limit only
+    # catches a hang (the job starts in a few seconds on an idle machine).
+    deadline = time.monotonic() + 600
+    while f"pid {first.pid} " not in (lock_fpath.read_text() if lock_fpath.exists() else ""):
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the first job never took the group's lock"
         time.sleep(0.01)
-    second = subprocess.run(argv, capture_output=True, text=True)
+    os.kill(first.pid, signal.SIGSTOP)  # holds the lock until let go, however slow the machine
+    try:
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode != 0
     assert (
         f"sweep group {out_dpath.name} is already being trained by another job (pid {first.pid}"
         in second.stderr
     )
-    assert first.wait(timeout=120) == 0, first.stderr.read()[-3000:]
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
     sae.load(out_dpath / "relu" / "sae.pt")  # complete and readable
     train.train_group(spec, shards_dpath, tmp_path / "alone", device="cpu")
     alone = (tmp_path / "alone" / "relu" / "sae.pt").read_bytes()

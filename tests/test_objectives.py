@@ -5,6 +5,7 @@ matryoshka off, the straight-through estimators' window or scale changed, the th
 the AuxK dead mask dropped).
 """
 
+import itertools
 import math
 
 import pytest
@@ -68,7 +69,7 @@ def test_matryoshka_loss_is_the_mean_over_prefixes_of_prefix_reconstruction_erro
 
 
 def test_jumprelu_forward_and_straight_through_gradients_follow_their_formulas():
-    eps = sae.JUMPRELU_BANDWIDTH
+    eps = 0.1
     theta = torch.full((5,), 0.5, requires_grad=True)
     # Inside the window on either side, just outside it (0.75 eps away), and far from it.
     z = torch.tensor([0.2, 0.5 + eps / 4, 0.5 - eps / 4, 0.5 + 0.75 * eps, 0.9], requires_grad=True)
@@ -125,8 +126,8 @@ def test_auxk_reconstructs_the_residual_from_the_largest_dead_latents_only():
 
 @pytest.mark.parametrize("coeff", [1e-4, 1e-2])
 def test_jumprelu_threshold_starts_at_the_data_scale(coeff):
-    """Thresholds start from the data, not a constant, where each latent fires on a tenth of
-    the first batch (a fixed 0.001 let about half of them fire, whatever the penalty)."""
+    """Thresholds start from the data, not a constant, where each latent fires on
+    `JUMPRELU_INIT_FIRING` of the first batch (a fixed 0.001 let about half of them fire)."""
     stack = stack_of(activation="jumprelu", sparsity_coeff=coeff)
     x = torch.randn(256, 8) * 3
     stack.init_from_batch(x)
@@ -134,19 +135,40 @@ def test_jumprelu_threshold_starts_at_the_data_scale(coeff):
     with torch.no_grad():
         pre = stack.pre_acts(stack.normalize(x))[0]
     frac_above = (pre > theta).float().mean().item()
-    assert abs(frac_above - sae.JUMPRELU_INIT_FIRING) < 0.05, frac_above
+    assert abs(frac_above - sae.JUMPRELU_INIT_FIRING) < 0.25 * sae.JUMPRELU_INIT_FIRING, frac_above
+    torch.testing.assert_close(stack.pre_rms.flatten(), pre.pow(2).mean().sqrt()[None])
 
 
-def test_jumprelu_l0_falls_as_the_coefficient_rises(shards_dpath, tmp_path):
-    coeffs = (1e-4, 1e-1, 3.0)
+def test_jumprelu_floor_pulls_only_the_thresholds_down():
+    """The floor term reaches the thresholds alone (pulling pre-activations up cost NMSE), with
+    d/dtheta = floor weight * (share of pre-activations below the threshold) / RMS."""
+    stack = stack_of(activation="jumprelu", sparsity_coeff=1.0)
+    x = torch.randn(64, 8)
+    stack.init_from_batch(x)
+    with torch.no_grad():  # every pre-activation far from its threshold: no L0 gradient
+        stack.log_threshold.fill_(math.log(50.0))
+    pre = stack.pre_acts(stack.normalize(x))
+    stack.penalty(pre, torch.zeros(1)).sum().backward()
+    assert stack.W_enc.grad is None or (stack.W_enc.grad == 0).all()
+    below_F = (pre.detach()[0] < 50.0).float().mean(dim=0)
+    expected_F = sae.JUMPRELU_FLOOR * below_F / stack.pre_rms.flatten() * 50.0  # d/d log theta
+    torch.testing.assert_close(stack.log_threshold.grad[0], expected_F)
+
+
+def test_jumprelu_l0_follows_the_coefficient_over_four_decades(shards_dpath, tmp_path):
+    """Strictly falling L0, at least 10x end to end, no two coefficients a decade apart within
+    10 %. Over seeds 0-4 of this run (200 steps) the L0 ratios a decade apart were 1.38-1.40,
+    3.3-3.5, 3.2-4.0 and 1.7-1.8, and the span 27-35x: the margins below are wide."""
+    coeffs = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     spec = group_spec(
-        n_train=256 * 60,
+        n_train=256 * 200,
         **{f"c{c}": {"activation": "jumprelu", "sparsity_coeff": c} for c in coeffs},
     )
     models = train.train_group(spec, shards_dpath, tmp_path / "g", device="cpu")
     reader = shards.ShardReader(shards_dpath)
     l0 = [evaluate.evaluate(models[f"c{c}"], reader, -1, "patches").metrics["l0"] for c in coeffs]
-    assert l0 == sorted(l0, reverse=True) and l0[0] > 1.5 * l0[-1], l0
+    ratios = [hi / lo for hi, lo in itertools.pairwise(l0)]
+    assert min(ratios) > 1.2 and l0[0] > 15 * l0[-1], (l0, ratios)
 
 
 def test_saev_style_initialisation_options():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import group_spec
 
-from saev_core import config, sae, train
+from saev_core import config, evaluate, sae, shards, train
 
 ARCHS = {
     "relu": {"activation": "relu", "sparsity_coeff": 0.01},
@@ -87,18 +87,14 @@ def test_jumprelu_zeroes_below_its_threshold():
     torch.testing.assert_close(f, expected)
 
 
-def test_jumprelu_threshold_learns_from_the_l0_penalty(trained_all):
-    _, models = trained_all
-    theta = models["jumprelu"].stack.log_threshold.exp()
-    assert not torch.allclose(theta, torch.full_like(theta, sae.JUMPRELU_INIT_THRESHOLD))
-
-
 def test_l0_falls_as_the_relu_sparsity_coefficient_rises(shards_dpath, tmp_path):
-    coeffs = (0.001, 0.01, 0.1)
+    """Over seeds 0-4 the L0 ratios between these coefficients were 1.47-1.57 and 1.52-1.64."""
+    coeffs = (0.003, 0.03, 0.3)
     spec = group_spec(**{f"c{c}": {"activation": "relu", "sparsity_coeff": c} for c in coeffs})
-    train.train_group(spec, shards_dpath, tmp_path, device="cpu")
-    l0 = [read_log(tmp_path / f"c{c}" / "train_log.csv")[-1]["l0"] for c in coeffs]
-    assert l0[0] > l0[1] > l0[2], l0
+    models = train.train_group(spec, shards_dpath, tmp_path, device="cpu")
+    reader = shards.ShardReader(shards_dpath)
+    l0 = [evaluate.evaluate(models[f"c{c}"], reader, -1, "patches").metrics["l0"] for c in coeffs]
+    assert l0[0] > 1.25 * l0[1] and l0[1] > 1.25 * l0[2], l0
 
 
 def test_stacked_training_equals_training_each_sae_alone(shards_dpath, tmp_path):
