@@ -82,7 +82,8 @@ def shard_dpath(work_dpath: pathlib.Path, name: str, n_imgs: int, seed: int) -> 
     return dpath
 
 
-def group(variants: list[str], seed: int = 0) -> dict:
+def group(variants: list[str], seed: int = 0) -> dict[str, dict]:
+    """The benchmark's SAEs (id -> flat configuration), all on one stream of batches."""
     stream = {
         "layer": LAYER,
         "tokens": "patches",
@@ -117,7 +118,7 @@ def group(variants: list[str], seed: int = 0) -> dict:
             "activation": "topk",
             "k": 16,
         }
-    return {"stream": stream, "model": "tiny:vit-b16-224", "saes": saes}
+    return saes
 
 
 def nmse_at(points: list[tuple[float, float]], l0: float) -> float:

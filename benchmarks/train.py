@@ -16,7 +16,6 @@ loop spent waiting for the loader's next batch: `BENCH train_data_wait=<fraction
 """
 
 import argparse
-import json
 import pathlib
 import re
 import subprocess
@@ -25,6 +24,8 @@ import tempfile
 import time
 
 from random_shards import write_random_shards
+
+from saev_core import jobs, shards
 
 D_VIT, N_TOKENS, BATCH = 384, 197, 4096
 SAES = {
@@ -40,13 +41,20 @@ def run_job(
     of its training loop it spent waiting for data (from its log)."""
     stream = {"layer": -1, "tokens": "all", "batch_size": BATCH, "n_train": BATCH * steps}
     common = {**stream, "seed": 0, "lr": 1e-3, "warmup_steps": 2, "exp_factor": 8}
-    group = {"stream": {**stream, "seed": 0}, "saes": {i: {**common, **c} for i, c in saes.items()}}
+    job = jobs.TrainGroupJob(
+        group=out_dpath.name,
+        model="tiny:vit-b16-224",
+        d_vit=shards.Metadata.load(shards_dpath).d_vit,
+        saes={i: {**common, **c} for i, c in saes.items()},
+        shards_dpath=str(shards_dpath),
+        work_dpath=str(out_dpath.with_name(out_dpath.name + "-work")),
+        checkpoint_every=0,
+        wandb_project=None,
+    )
     spec_fpath = out_dpath.with_name(out_dpath.name + "-spec.json")
-    spec_fpath.write_text(json.dumps(group))
+    spec_fpath.write_text(job.to_json())
     argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
-    argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
-    argv += ["--work-dpath", str(out_dpath.with_name(out_dpath.name + "-work"))]
-    argv += ["--checkpoint-every", "0", "--device", device]
+    argv += ["--out-dpath", str(out_dpath), "--device", device]
     t0 = time.perf_counter()
     job = subprocess.run(argv, check=True, capture_output=True, text=True)
     elapsed_s = time.perf_counter() - t0

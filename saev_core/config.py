@@ -128,23 +128,28 @@ class SaeConfig:
         return sorted({max(1, int(self.d_sae * frac)) for frac in MATRYOSHKA_FRACTIONS})
 
 
+STREAM = {"stream": True}
+"""Field metadata: this setting decides the stream of training batches."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The data stream and optimisation of one SAE."""
+    """The data stream and optimisation of one SAE. SAEs that agree on the stream fields (and
+    the training activations) share one job and the same batches."""
 
-    layer: int
+    layer: int = dataclasses.field(metadata=STREAM)
     """Recorded layer to train on."""
-    n_train: int
+    n_train: int = dataclasses.field(metadata=STREAM)
     """Training budget in token vectors."""
-    batch_size: int
+    batch_size: int = dataclasses.field(metadata=STREAM)
     """Token vectors per step."""
     lr: float
     """Adam learning rate."""
-    tokens: str = "patches"
+    tokens: str = dataclasses.field(default="patches", metadata=STREAM)
     """Which token vectors: `patches`, `cls` or `all`."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps."""
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, metadata=STREAM)
     """Seed of the data order and the initialisation."""
     lr_schedule: str = "constant"
     """After warm-up, `constant` or `cosine` decay to zero at the last step."""
@@ -181,6 +186,7 @@ class TrainConfig:
 
 SAE_KEYS = tuple(f.name for f in dataclasses.fields(SaeConfig) if f.name != "d_vit")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("stream"))
 
 
 class SaeSpec(typing.NamedTuple):

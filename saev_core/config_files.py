@@ -17,6 +17,8 @@ import sys
 
 import yaml
 
+from . import plan
+
 DEFAULT_FPATH = "config/experiments.yaml"
 
 
@@ -92,12 +94,21 @@ def load_workflow_config(config: dict, workflow) -> list[str]:
     return fpaths
 
 
+def load(fpath: str | pathlib.Path) -> dict:
+    """Read one experiments YAML strictly and validate it, filling the schema's defaults, as
+    the workflow does."""
+    config_dct = read(fpath)
+    try:
+        plan.validate_config(config_dct)
+    except plan.PlanError as err:
+        raise plan.PlanError(f"{fpath}: {err}") from None
+    return config_dct
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("fpaths", nargs="+", type=pathlib.Path, help="experiments YAML files")
     args = parser.parse_args(argv)
-    from . import plan
-
     merged: dict = {}
     try:
         for fpath in args.fpaths:

@@ -1,20 +1,19 @@
 """Record ViT activations for a dataset into a shard directory (SPEC §5).
 
-Two commands, one per workflow rule, each reading the shard directory's spec file
-(`results/specs/shards/<HASH>.json`: `{"metadata": {...}, "dataset": {...}, "weights": path or
-null}`, written by the plan):
+Two commands, one per workflow rule, each reading its job (`saev_core.jobs`) from a spec file the
+plan writes under `results/specs/shards/<HASH>/`:
 
-    python -m saev_core.dump part --spec-fpath SPEC --shards-dpath results/shards --part 0 --n-parts 4
-    python -m saev_core.dump publish --spec-fpath SPEC --shards-dpath results/shards
+    python -m saev_core.dump part --spec-fpath .../part0-of-4.json --device auto
+    python -m saev_core.dump publish --spec-fpath .../publish.json
 
-`part` writes its disjoint range of whole shards into `<shards-dpath>/<metadata hash>/`, resuming
+`part` (a `DumpPartJob`) writes its disjoint range of whole shards into the job's shard
+directory (`<shards_dpath>/<metadata hash>/`), resuming
 after a kill from the first incomplete shard; `publish` runs once every part is done, writes
 `labels.bin` for datasets with masks, and publishes `shards.json`, which marks the directory
 complete. The bytes do not depend on the number of parts, the batch size or the device.
 """
 
 import argparse
-import json
 import logging
 import pathlib
 import queue
@@ -24,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from . import datasets, helpers, shards, vits
+from . import datasets, helpers, jobs, shards, vits
 
 logger = logging.getLogger("dump")
 LOG_EVERY_S = 10.0
@@ -70,7 +69,7 @@ def open_dataset(metadata: shards.Metadata, dataset_cfg: dict) -> datasets.Datas
 def dump_part(
     metadata: shards.Metadata,
     dataset_cfg: dict,
-    shards_dpath: pathlib.Path,
+    out_dpath: pathlib.Path,
     part: int = 0,
     n_parts: int = 1,
     *,
@@ -79,9 +78,10 @@ def dump_part(
     device: str = "auto",
     weights_fpath: pathlib.Path | None = None,
 ) -> pathlib.Path:
-    """Write the missing shards of part `part` of `n_parts`; return the shard directory.
-    `weights_fpath` is the model's local weights file, if it has one."""
-    out_dpath = pathlib.Path(shards_dpath) / metadata.hash
+    """Write the missing shards of part `part` of `n_parts` into the shard directory
+    `out_dpath` (`<shards_dpath>/<metadata hash>`); return it. `weights_fpath` is the model's
+    local weights file, if it has one."""
+    out_dpath = pathlib.Path(out_dpath)
     writer = shards.ShardWriter(out_dpath, metadata)
     shard_ids = shards.part_shards(metadata.n_shards, n_parts, part)
     todo = writer.incomplete_shards(shard_ids)
@@ -236,10 +236,11 @@ def check_finite(acts_BLTD: np.ndarray, idx_B: np.ndarray):
 
 
 def publish(
-    metadata: shards.Metadata, dataset_cfg: dict, shards_dpath: pathlib.Path, *, n_workers: int = 0
+    metadata: shards.Metadata, dataset_cfg: dict, out_dpath: pathlib.Path, *, n_workers: int = 0
 ) -> pathlib.Path:
-    """Once every part is done: write `labels.bin` when the dataset has masks, then publish."""
-    out_dpath = pathlib.Path(shards_dpath) / metadata.hash
+    """Once every part is done: write `labels.bin` into the shard directory `out_dpath` when the
+    dataset has masks, then publish."""
+    out_dpath = pathlib.Path(out_dpath)
     writer = shards.ShardWriter(out_dpath, metadata)
     if metadata.protocol == shards.PROTOCOL_WITH_LABELS and not writer.has_labels():
         dataset = open_dataset(metadata, dataset_cfg)
@@ -258,24 +259,26 @@ def publish(
 def dump(
     metadata: shards.Metadata,
     dataset_cfg: dict,
-    shards_dpath: pathlib.Path,
+    root_dpath: pathlib.Path,
     *,
     batch_size: int = 64,
     n_workers: int = 0,
     device: str = "auto",
     weights_fpath: pathlib.Path | None = None,
 ) -> pathlib.Path:
-    """The whole dump in one process: one part, then publish."""
+    """The whole dump in one process into `root_dpath/<metadata hash>`: one part, then publish;
+    returns the shard directory."""
+    out_dpath = pathlib.Path(root_dpath) / metadata.hash
     dump_part(
         metadata,
         dataset_cfg,
-        shards_dpath,
+        out_dpath,
         batch_size=batch_size,
         n_workers=n_workers,
         device=device,
         weights_fpath=weights_fpath,
     )
-    return publish(metadata, dataset_cfg, shards_dpath, n_workers=n_workers)
+    return publish(metadata, dataset_cfg, out_dpath, n_workers=n_workers)
 
 
 def main(argv: list[str] | None = None):
@@ -283,36 +286,30 @@ def main(argv: list[str] | None = None):
     commands = parser.add_subparsers(dest="command", required=True)
     part_parser = commands.add_parser("part", help="write one part's shards")
     publish_parser = commands.add_parser("publish", help="write labels.bin and shards.json")
-    for sub in (part_parser, publish_parser):
-        sub.add_argument(
-            "--spec-fpath", type=pathlib.Path, required=True, help="JSON: metadata and dataset"
-        )
-        sub.add_argument("--shards-dpath", type=pathlib.Path, required=True)
-        sub.add_argument("--n-workers", type=int, required=True, help="DataLoader processes")
-    part_parser.add_argument("--part", type=int, required=True)
-    part_parser.add_argument("--n-parts", type=int, required=True)
-    part_parser.add_argument("--batch-size", type=int, required=True)
+    part_parser.add_argument("--spec-fpath", type=pathlib.Path, required=True, help="a DumpPartJob")
     part_parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
+    publish_parser.add_argument(
+        "--spec-fpath", type=pathlib.Path, required=True, help="a PublishJob"
+    )
     args = parser.parse_args(argv)
     helpers.setup_logging()
-    spec = json.loads(args.spec_fpath.read_text())
-    metadata = shards.Metadata.from_dict(spec["metadata"])
-    dataset_cfg = spec["dataset"]
     if args.command == "part":
+        job = jobs.DumpPartJob.read(args.spec_fpath)
         out_dpath = dump_part(
-            metadata,
-            dataset_cfg,
-            args.shards_dpath,
-            args.part,
-            args.n_parts,
-            batch_size=args.batch_size,
-            n_workers=args.n_workers,
+            job.metadata,
+            job.dataset,
+            job.shards_dpath,
+            job.part,
+            job.n_parts,
+            batch_size=job.batch_size,
+            n_workers=job.n_workers,
             device=args.device,
-            weights_fpath=spec.get("weights"),
+            weights_fpath=job.weights,
         )
-        logger.info("part %d/%d done: %s", args.part, args.n_parts, out_dpath)
+        logger.info("part %d/%d done: %s", job.part, job.n_parts, out_dpath)
     else:
-        out_dpath = publish(metadata, dataset_cfg, args.shards_dpath, n_workers=args.n_workers)
+        job = jobs.PublishJob.read(args.spec_fpath)
+        out_dpath = publish(job.metadata, job.dataset, job.shards_dpath, n_workers=job.n_workers)
         logger.info("complete: %s", out_dpath)
 
 

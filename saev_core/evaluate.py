@@ -1,10 +1,10 @@
 """Evaluate one SAE on held-out activations (SPEC §7).
 
-Run as `python -m saev_core.evaluate --sae-fpath .../sae.pt --layer -1 --tokens patches
---shards-dpath results/shards/<HASH> --shards-spec-fpath results/specs/shards/<HASH>.json
---out-dpath results/<sweep>/saes/<sae> --device auto` (the spec names the dataset, whose class
-names label concepts). The SAE may be of any checkpoint layout, ours or saev's; `--layer` and
-`--tokens` say what it reads (the plan passes what it was trained on). Writes `metrics.json` (scalars, one sweep-table row), `latents.npz` (per-latent
+Run as `python -m saev_core.evaluate --spec-fpath SPEC --out-dpath results/<sweep>/saes/<sae>
+--device auto`, the spec a `jobs.EvaluateJob`: the SAE (any checkpoint layout, ours or saev's),
+the held-out shard directory, the layer and token kind the SAE reads, and the dataset, whose
+class names label concepts. Writes `metrics.json` (scalars, one sweep-table row), `latents.npz`
+(per-latent
 firing frequency and mean value when firing), `histograms.png`, `concepts.csv` (per label
 class, the latent that predicts it best; empty where the shards have no `labels.bin`) and
 `concept_candidates.csv` (every scored class-latent pair with its rank in the class, which the
@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import concepts, datasets, helpers, loaders, sae, shards  # noqa: E402
+from . import concepts, datasets, helpers, jobs, loaders, sae, shards  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 ALMOST_DEAD_FREQ = 1e-7
@@ -206,25 +206,19 @@ def write(result: Evaluation, title: str, out_dpath: pathlib.Path):
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    helpers.add_sae_arguments(parser)
-    parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
-    parser.add_argument(
-        "--shards-spec-fpath", type=pathlib.Path, required=True, help="the shards' spec (JSON)"
-    )
+    parser.add_argument("--spec-fpath", type=pathlib.Path, required=True, help="an EvaluateJob")
     parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     helpers.setup_logging()
-    model = sae.load(args.sae_fpath, helpers.pick_device(args.device))
-    reader = shards.ShardReader(args.shards_dpath)
-    class_names = None
-    if reader.labels() is not None:
-        class_names = datasets.load(
-            json.loads(args.shards_spec_fpath.read_text())["dataset"]
-        ).classes
-    result = evaluate(model, reader, args.layer, args.tokens, class_names)
+    job = jobs.EvaluateJob.read(args.spec_fpath)
+    sae_fpath = pathlib.Path(job.sae_fpath)
+    model = sae.load(sae_fpath, helpers.pick_device(args.device))
+    reader = shards.ShardReader(job.shards_dpath)
+    class_names = datasets.load(job.dataset).classes if reader.labels() is not None else None
+    result = evaluate(model, reader, job.layer, job.tokens, class_names)
     logger.info("%s", result.metrics)
-    write(result, f"SAE {args.sae_fpath.parent.name}", args.out_dpath)
+    write(result, f"SAE {sae_fpath.parent.name}", args.out_dpath)
 
 
 if __name__ == "__main__":

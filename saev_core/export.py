@@ -1,6 +1,8 @@
 """Export an SAE of ours for today's saev (schema 5, upstream 3d73f1f).
 
-Run as `python -m saev_core.export --to saev-schema5 SAE_PT OUT_PT`. Our `sae.pt` files already
+The `export_saev` rule runs `python -m saev_core.export --spec-fpath SPEC --out-fpath OUT_PT`
+(a `jobs.ExportJob`); by hand, `python -m saev_core.export --sae-fpath SAE_PT --out-fpath OUT_PT`.
+Our `sae.pt` files already
 load in saev f5d892c (schema 1, see `checkpoints`); this writes the layout saev's current loader
 reads: `cfg.activation` names the class and its parameters, `b_enc - b_dec @ W_enc` is stored
 because saev's encoder does not subtract `b_dec`, and a BatchTopK SAE's inference threshold goes
@@ -17,9 +19,7 @@ import pathlib
 
 import torch
 
-from . import sae, shards
-
-FORMATS = ("saev-schema5",)
+from . import jobs, sae, shards
 
 
 def schema5_activation(cfg: sae.SaeConfig) -> dict:
@@ -76,12 +76,14 @@ def to_schema5(model: sae.SparseAutoencoder, fpath: pathlib.Path):
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--to", choices=FORMATS, required=True)
-    parser.add_argument("sae_fpath", type=pathlib.Path, help="an sae.pt of any layout")
-    parser.add_argument("out_fpath", type=pathlib.Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec-fpath", type=pathlib.Path, help="an ExportJob (the workflow's)")
+    source.add_argument("--sae-fpath", type=pathlib.Path, help="an sae.pt of any layout")
+    parser.add_argument("--out-fpath", type=pathlib.Path, required=True, help="the schema-5 file")
     args = parser.parse_args(argv)
+    sae_fpath = args.sae_fpath or pathlib.Path(jobs.ExportJob.read(args.spec_fpath).sae_fpath)
     args.out_fpath.parent.mkdir(parents=True, exist_ok=True)
-    to_schema5(sae.load(args.sae_fpath), args.out_fpath)
+    to_schema5(sae.load(sae_fpath), args.out_fpath)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,6 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def add_sae_arguments(parser):
-    """The arguments of every step that reads an SAE: its checkpoint (any layout, see
-    `saev_core.checkpoints`) and which recorded layer and token kind it reads."""
-    parser.add_argument("--sae-fpath", type=pathlib.Path, required=True, help="an sae.pt")
-    parser.add_argument("--layer", type=int, required=True, help="recorded layer it reads")
-    parser.add_argument("--tokens", choices=("patches", "cls", "all"), default="patches")
-
-
 def setup_logging():
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True

@@ -4,44 +4,30 @@ Used by `workflow/rules/common.smk` while Snakemake plans: the config is checked
 schema and then built into the typed configs of `saev_core.config` for every dump, SAE and job, so
 a bad value fails `snakemake -n` naming its config path. Shard directories are named by their
 metadata hash, sweeps expand into SAEs with ids hashed from their full configuration, and SAEs that
-share a training data stream form one sweep group (one job, one pass over the data).
-
-Each job reads its settings from a small JSON spec file the plan writes under `results/specs/`
-(rewritten only when its content changes, so an unchanged spec never reruns a job), and each rule
-carries a fingerprint of the `saev_core` code its step runs (`code_fingerprint`), so editing a
-module reruns exactly the steps that import it.
+share a training data stream form one sweep group (one job, one pass over the data). The result is
+one typed job (`saev_core.jobs`) per rule and wildcard, keyed by the path of its spec file.
 """
 
-import ast
-import collections
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
-import os
 import pathlib
 
-from . import checkpoints, config, datasets, shards, weights
+from . import checkpoints, config, datasets, jobs, labels, shards, weights
+from .jobs import short_hash
 
 logger = logging.getLogger("plan")
 RESULTS_DPATH = "results"
 SPECS_DPATH = f"{RESULTS_DPATH}/specs"
-PACKAGE_DPATH = pathlib.Path(__file__).parent
-SCHEMA_FPATH = PACKAGE_DPATH.parent / "workflow" / "schemas" / "experiments.schema.yaml"
-# What decides the stream of training batches: SAEs that agree on these share one job.
-STREAM_KEYS = ("shards", "layer", "tokens", "batch_size", "n_train", "seed", "normalize")
-# Files besides Python sources that a module's behaviour depends on.
-PACKAGE_DATA = {"browser": ("browser.html",)}
+SCHEMA_FPATH = pathlib.Path(__file__).parent.parent / "workflow/schemas/experiments.schema.yaml"
+# SAEs that agree on these share one job: what decides the stream of training batches, and
+# `normalize`, which group ids have always included.
+STREAM_KEYS = ("shards", *config.STREAM_FIELDS, "normalize")
 
 
 class PlanError(ValueError):
     """The configuration does not make sense; the message starts with the config path."""
-
-
-def short_hash(obj) -> str:
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
 def expand_grid(value) -> list:
@@ -80,16 +66,6 @@ class ShardJob:
     """Execution settings (batch size, workers, parts) of the first entry naming this dump."""
     weights: str | None = None
     """The model's local weights file, if any."""
-
-    @property
-    def spec(self) -> dict:
-        """What the dump, publish, evaluation and render steps read: metadata, dataset and the
-        model's local weights file."""
-        return {
-            "metadata": self.metadata.to_dict(),
-            "dataset": self.dataset_cfg,
-            "weights": self.weights,
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,26 +119,7 @@ class Sweep:
     @property
     def slugs(self) -> dict[str, str]:
         """File-name form of each trained SAE's label (`L-1-topk-k=16-x8`) -> its id."""
-        return {export_slug(self.labels[sae_id]): sae_id for sae_id in self.saes}
-
-    def group_spec(self, group_id: str) -> dict:
-        group = self.groups[group_id]
-        return {
-            "stream": group.stream,
-            "model": self.model,
-            "saes": {sae_id: self.saes[sae_id] for sae_id in group.sae_ids},
-        }
-
-    def render_spec(self, sae_id: str) -> dict:
-        return {"label": self.labels[sae_id], "render": self.cfg.render.to_dict()}
-
-    def summary_spec(self) -> dict:
-        externals = {i: dataclasses.asdict(e) for i, e in sorted(self.externals.items())}
-        return {
-            "model": self.model,
-            "sae_group": dict(sorted(self.sae_group.items())),
-            "external": externals,
-        }
+        return {labels.export_slug(self.labels[sae_id]): sae_id for sae_id in self.saes}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,33 +131,138 @@ class Plan:
     """Activation spec name -> shard directory hash."""
     shard_jobs: dict[str, ShardJob]
     sweeps: dict[str, Sweep]
+    specs: dict[str, jobs.Job]
+    """Spec file path -> the job of one rule and wildcard (see `job_specs`)."""
 
-    def specs(self) -> dict[str, dict]:
-        """Every job's spec file path -> its content."""
-        out = {shards_spec_fpath(h): job.spec for h, job in self.shard_jobs.items()}
-        for name, sweep in self.sweeps.items():
-            for group_id in sweep.groups:
-                out[group_spec_fpath(name, group_id)] = sweep.group_spec(group_id)
-            for sae_id in sweep.sae_ids:
-                out[render_spec_fpath(name, sae_id)] = sweep.render_spec(sae_id)
-            out[summary_spec_fpath(name)] = sweep.summary_spec()
-        return out
+    def shards_dpath(self, shards_hash: str) -> str:
+        return f"{self.workflow.shards_dpath.rstrip('/')}/{shards_hash}"
 
 
-def shards_spec_fpath(shards_hash: str) -> str:
-    return f"{SPECS_DPATH}/shards/{shards_hash}.json"
+def dataset_spec_fpath(dataset: str) -> str:
+    return f"{SPECS_DPATH}/datasets/{dataset}.json"
 
 
-def group_spec_fpath(sweep: str, group: str) -> str:
-    return f"{SPECS_DPATH}/{sweep}/groups/{group}.json"
+def dump_spec_fpath(shards_hash: str, part: int, n_parts: int) -> str:
+    return f"{SPECS_DPATH}/shards/{shards_hash}/part{part}-of-{n_parts}.json"
 
 
-def render_spec_fpath(sweep: str, sae: str) -> str:
-    return f"{SPECS_DPATH}/{sweep}/render/{sae}.json"
+def publish_spec_fpath(shards_hash: str) -> str:
+    return f"{SPECS_DPATH}/shards/{shards_hash}/publish.json"
+
+
+def sweep_spec_fpath(sweep: str, step: str, name: str) -> str:
+    """Spec of one sweep job: `step` is groups, evaluate, topk, render or export."""
+    return f"{SPECS_DPATH}/sweeps/{sweep}/{step}/{name}.json"
 
 
 def summary_spec_fpath(sweep: str) -> str:
-    return f"{SPECS_DPATH}/{sweep}/summary.json"
+    return f"{SPECS_DPATH}/sweeps/{sweep}/summary.json"
+
+
+def job_specs(
+    workflow: config.WorkflowConfig,
+    dataset_cfgs: dict[str, dict],
+    shard_jobs: dict[str, ShardJob],
+    sweeps: dict[str, Sweep],
+) -> dict[str, jobs.Job]:
+    """Every rule's job, keyed by its spec file's path."""
+    root = workflow.shards_dpath.rstrip("/")
+    out: dict[str, jobs.Job] = {}
+    for name, cfg in dataset_cfgs.items():
+        if cfg["kind"] == "synthetic":
+            out[dataset_spec_fpath(name)] = jobs.SyntheticJob(
+                n_imgs=cfg["n_imgs"], img_size=cfg["img_size"], seed=cfg["seed"]
+            )
+    for shards_hash, job in shard_jobs.items():
+        act = job.activations
+        for part in range(act.n_parts):
+            out[dump_spec_fpath(shards_hash, part, act.n_parts)] = jobs.DumpPartJob(
+                metadata=job.metadata,
+                dataset=job.dataset_cfg,
+                weights=job.weights,
+                part=part,
+                n_parts=act.n_parts,
+                shards_dpath=f"{root}/{shards_hash}",
+                batch_size=act.batch_size,
+                n_workers=act.n_workers,
+            )
+        out[publish_spec_fpath(shards_hash)] = jobs.PublishJob(
+            metadata=job.metadata,
+            dataset=job.dataset_cfg,
+            shards_dpath=f"{root}/{shards_hash}",
+            n_workers=act.n_workers,
+        )
+    for sweep in sweeps.values():
+        out |= sweep_jobs(sweep, shard_jobs, root)
+    return out
+
+
+def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict[str, jobs.Job]:
+    """The training, evaluation, top-k, render, export and summary jobs of one sweep."""
+    name, train_shards, eval_shards = sweep.name, sweep.train_shards, sweep.eval_shards
+    train_md = shard_jobs[train_shards].metadata
+    out: dict[str, jobs.Job] = {}
+    for group_id, group in sweep.groups.items():
+        out[sweep_spec_fpath(name, "groups", group_id)] = jobs.TrainGroupJob(
+            group=group_id,
+            model=sweep.model,
+            d_vit=train_md.d_vit,
+            saes={sae_id: sweep.saes[sae_id] for sae_id in group.sae_ids},
+            shards_dpath=f"{root}/{train_shards}",
+            work_dpath=f"{RESULTS_DPATH}/{name}/work/{group_id}",
+            checkpoint_every=sweep.cfg.checkpoint_every,
+            wandb_project=sweep.cfg.wandb_project,
+        )
+    for sae_id in sweep.sae_ids:
+        layer, tokens = sweep.layer_tokens(sae_id)
+        sae_fpath, sae_dpath = sweep.sae_fpath(sae_id), f"{RESULTS_DPATH}/{name}/saes/{sae_id}"
+        out[sweep_spec_fpath(name, "evaluate", sae_id)] = jobs.EvaluateJob(
+            sae_fpath=sae_fpath,
+            shards=eval_shards,
+            shards_dpath=f"{root}/{eval_shards}",
+            layer=layer,
+            tokens=tokens,
+            dataset=shard_jobs[eval_shards].dataset_cfg,
+        )
+        out[sweep_spec_fpath(name, "topk", sae_id)] = jobs.TopkJob(
+            sae_fpath=sae_fpath,
+            shards=train_shards,
+            shards_dpath=f"{root}/{train_shards}",
+            layer=layer,
+            tokens=tokens,
+            top_k=sweep.cfg.top_k,
+            percentile=sweep.cfg.percentile,
+        )
+        out[sweep_spec_fpath(name, "render", sae_id)] = jobs.RenderJob(
+            sae_id=sae_id,
+            label=sweep.labels[sae_id],
+            sae_fpath=sae_fpath,
+            topk_fpath=f"{sae_dpath}/topk.npz",
+            concepts_fpath=f"{sae_dpath}/concept_candidates.csv",
+            shards=train_shards,
+            shards_dpath=f"{root}/{train_shards}",
+            layer=layer,
+            dataset=shard_jobs[train_shards].dataset_cfg,
+            render=sweep.cfg.render,
+        )
+    for slug, sae_id in sweep.slugs.items():
+        out[sweep_spec_fpath(name, "export", slug)] = jobs.ExportJob(
+            sae_id=sae_id, sae_fpath=sweep.sae_fpath(sae_id)
+        )
+    out[summary_spec_fpath(name)] = jobs.SummarizeJob(
+        model=sweep.model,
+        sae_fpaths={sae_id: sweep.sae_fpath(sae_id) for sae_id in sorted(sweep.saes)},
+        externals=dict(sorted(sweep.externals.items())),
+        groups={
+            **dict(sorted(sweep.sae_group.items())),
+            **dict.fromkeys(sorted(sweep.externals), "external"),
+        },
+        labels={sae_id: sweep.labels[sae_id] for sae_id in sweep.sae_ids},
+        metrics_fpaths={
+            sae_id: f"{RESULTS_DPATH}/{name}/saes/{sae_id}/metrics.json" for sae_id in sweep.sae_ids
+        },
+    )
+    return out
 
 
 def resolve_dataset(name: str, cfg: dict) -> dict:
@@ -296,14 +358,9 @@ def sweep_points(name: str, cfg: dict):
                     yield {**train_point, **sae_point}, where
 
 
-def export_slug(label: str) -> str:
-    """A label as a file name: `L-1 topk k=16 x8` -> `L-1-topk-k=16-x8`."""
-    return label.replace(" ", "-")
-
-
 def export_fpath(sweep: str, label: str) -> str:
     """Where the export rule writes a trained SAE for today's saev (schema 5)."""
-    return f"{RESULTS_DPATH}/exports/{sweep}/{export_slug(label)}.saev5.pt"
+    return f"{RESULTS_DPATH}/exports/{sweep}/{labels.export_slug(label)}.saev5.pt"
 
 
 def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Sweep:
@@ -372,7 +429,7 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
             group_id = f"layer{stream['layer']}-{short_hash([stream, members])[:8]}"
             groups[group_id] = Group(id=group_id, stream=stream, sae_ids=members)
             sae_group.update(dict.fromkeys(members, group_id))
-    labels = sae_labels(saes)
+    sae_labels = labels.sae_labels(saes)
     external_ids = {}
     for i, external in enumerate(sweep_cfg.external_saes):
         where = f"sweeps.{name}.external_saes[{i}]"
@@ -382,13 +439,13 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
                     f"{where}.layer: layer {external.layer} is not recorded by the {which} "
                     f"activations (layers {list(md.layers)})"
                 )
-        if external.name in labels.values() or any(
+        if external.name in sae_labels.values() or any(
             e.name == external.name for e in external_ids.values()
         ):
             raise PlanError(f"{where}.name: {external.name!r} is already the label of another SAE")
         sae_id = short_hash({**dataclasses.asdict(external), "shards": train_shards})
         external_ids[sae_id] = external
-        labels[sae_id] = external.name
+        sae_labels[sae_id] = external.name
     return Sweep(
         name=name,
         cfg=sweep_cfg,
@@ -400,71 +457,9 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
         specs=specs,
         groups=groups,
         sae_group=sae_group,
-        labels=labels,
+        labels=sae_labels,
         externals=external_ids,
     )
-
-
-def format_number(value) -> str:
-    """Short text for a config value: 0.0004 -> 4e-4, 0.01 -> 0.01, 16 -> 16."""
-    if isinstance(value, bool) or not isinstance(value, float):
-        return str(value).lower() if isinstance(value, bool) else str(value)
-    if value != 0 and abs(value) < 1e-2:
-        mantissa, exponent = f"{value:.2e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"{value:.3g}"
-
-
-def base_label(cfg: dict) -> str:
-    """What a person tells SAEs of a sweep apart by: layer, tokens, activation and its sparsity
-    knob, width, and the options that change the architecture."""
-    parts = [f"L{cfg['layer']}"]
-    if cfg.get("tokens", "patches") != "patches":
-        parts.append(cfg["tokens"])
-    activation = cfg["activation"]
-    if activation == "relu":
-        parts.append(f"relu l1={format_number(cfg['sparsity_coeff'])}")
-    elif activation == "jumprelu":
-        parts.append(f"jumprelu l0={format_number(cfg['sparsity_coeff'])}")
-    else:
-        parts.append(f"{activation} k={cfg['k']}")
-    parts.append(f"x{cfg['exp_factor']}")
-    if cfg.get("matryoshka"):
-        parts.append("matryoshka")
-    if cfg.get("aux_k"):
-        parts.append(f"auxk={cfg['aux_k']}")
-    return " ".join(parts)
-
-
-def sae_labels(saes: dict[str, dict]) -> dict[str, str]:
-    """A label per SAE id, unique within the sweep: SAEs that would share a base label get the
-    keys in which they differ appended (`lr=3e-4`)."""
-    by_base: dict[str, list[str]] = {}
-    for sae_id in sorted(saes):
-        by_base.setdefault(base_label(saes[sae_id]), []).append(sae_id)
-    labels = {}
-    for base, sae_ids in by_base.items():
-        keys = sorted({k for s in sae_ids for k in saes[s]} - {"shards"})
-        differing = [k for k in keys if len({json.dumps(saes[s].get(k)) for s in sae_ids}) > 1]
-        for sae_id in sae_ids:
-            extra = [f"{k}={format_number(saes[sae_id].get(k))}" for k in differing]
-            labels[sae_id] = " ".join([base, *extra])
-    counts = collections.Counter(labels.values())
-    # Values that differ only beyond the printed digits: the id settles it.
-    return {s: label if counts[label] == 1 else f"{label} {s}" for s, label in labels.items()}
-
-
-def load_config(fpath: pathlib.Path) -> dict:
-    """Read an experiments YAML (strictly) and validate it, filling the schema's defaults, as the
-    workflow does."""
-    from . import config_files
-
-    config_dct = config_files.read(fpath)
-    try:
-        validate_config(config_dct)
-    except PlanError as err:
-        raise PlanError(f"{fpath}: {err}") from None
-    return config_dct
 
 
 def validate_config(config_dct: dict):
@@ -527,6 +522,7 @@ def make_plan(config_dct: dict, rescan: bool = True) -> Plan:
         activations=activations,
         shard_jobs=shard_jobs,
         sweeps=sweeps,
+        specs=job_specs(workflow, dataset_cfgs, shard_jobs, sweeps),
     )
 
 
@@ -561,130 +557,3 @@ def check_external_saes(sweeps: dict[str, Sweep], shard_jobs: dict[str, ShardJob
                     f"{where}: {fpath} reads d_vit {layout.cfg.d_vit} activations, the "
                     f"sweep's are {d_vit} wide"
                 )
-
-
-def write_specs(plan: Plan, root: pathlib.Path = pathlib.Path(".")):
-    """Write every job's spec file whose content changed (atomically); leave the rest untouched,
-    so their modification times say when the settings of that job last changed."""
-    n_written = 0
-    for rel_fpath, spec in plan.specs().items():
-        fpath = pathlib.Path(root) / rel_fpath
-        text = json.dumps(spec, indent=1, sort_keys=True) + "\n"
-        try:
-            if fpath.read_text() == text:
-                continue
-        except FileNotFoundError:
-            fpath.parent.mkdir(parents=True, exist_ok=True)
-        shards.write_atomic(fpath, text.encode(), sync=False)
-        n_written += 1
-    if n_written:
-        logger.info("wrote %d job spec file(s) under %s", n_written, SPECS_DPATH)
-
-
-def spec_hash(spec: dict) -> str:
-    """Short hash of a spec's content: rules take it as a param, so a changed spec reruns its
-    job while a rewritten but equal one (after a purge of results/specs) does not."""
-    return short_hash(spec)
-
-
-def read_spec(fpath: pathlib.Path) -> dict:
-    """A spec file written by `write_specs` (steps call this)."""
-    return json.loads(pathlib.Path(fpath).read_text())
-
-
-def imported_modules(name: str) -> set[str]:
-    """The `saev_core` modules that module `name` imports (relative or absolute), directly."""
-    tree = ast.parse((PACKAGE_DPATH / f"{name}.py").read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("saev_core."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(
-                a.name.split(".")[1] for a in node.names if a.name.startswith("saev_core.")
-            )
-    return {m for m in found if (PACKAGE_DPATH / f"{m}.py").exists()}
-
-
-def code_text(name: str) -> str:
-    """A module's code without comments, docstrings or formatting, plus the data files it
-    reads: what decides its behaviour."""
-    tree = ast.parse((PACKAGE_DPATH / f"{name}.py").read_text())
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
-            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    data = [(PACKAGE_DPATH / fname).read_text() for fname in PACKAGE_DATA.get(name, ())]
-    return "\n".join([ast.dump(tree), *data])
-
-
-def code_fingerprint(step: str) -> str:
-    """Hash of the code step `step` (a `saev_core` module run with `python -m`) runs: its module
-    and every package module it imports, transitively. Passed to rules as a param, so editing a
-    module reruns exactly the jobs of the steps that import it; comments and docstrings don't."""
-    seen, todo = set(), [step]
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo.extend(imported_modules(name) - seen)
-    digest = hashlib.sha256()
-    for name in sorted(seen):
-        digest.update(f"{name}\n{code_text(name)}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def heal_shard_directories(plan: Plan):
-    """Make Snakemake see shard files lost since their dump (a scratch purge, a bad copy).
-
-    A dump part's marker (inside the shard directory) claims its shards are complete; when one
-    of them is missing or has the wrong size, the claim is false: remove the marker and the
-    directory's `shards.json`, so the plan re-dumps that part and republishes. One stat per shard.
-    """
-    shards_dpath = pathlib.Path(plan.workflow.shards_dpath)
-    for shards_hash, job in plan.shard_jobs.items():
-        dpath = shards_dpath / shards_hash
-        if not dpath.is_dir():
-            continue
-        md, n_parts = job.metadata, job.activations.n_parts
-        for part in range(n_parts):
-            marker_fpath = dpath / part_marker_fname(part, n_parts)
-            if not marker_fpath.exists():
-                continue
-            lost = [
-                shards.shard_fname(i)
-                for i in shards.part_shards(md.n_shards, n_parts, part)
-                if not is_complete(dpath / shards.shard_fname(i), md.shard_nbytes)
-            ]
-            if lost:
-                logger.warning(
-                    "%s: %s missing or incomplete; dump part %d of %d will be redone",
-                    dpath,
-                    ", ".join(lost),
-                    part,
-                    n_parts,
-                )
-                marker_fpath.unlink()
-                (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)
-        labels_fpath = dpath / shards.LABELS_FNAME
-        if md.protocol == shards.PROTOCOL_WITH_LABELS and not is_complete(
-            labels_fpath, md.labels_nbytes
-        ):
-            (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)  # publish writes it again
-
-
-def part_marker_fname(part: int, n_parts: int) -> str:
-    return f".dump-part{part}-of-{n_parts}.done"
-
-
-def is_complete(fpath: pathlib.Path, nbytes: int) -> bool:
-    try:
-        return os.stat(fpath).st_size == nbytes
-    except FileNotFoundError:
-        return False

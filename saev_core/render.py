@@ -1,12 +1,9 @@
 """Render an SAE's top images per latent as heatmap overlays and a static feature browser.
 
-Run as `python -m saev_core.render --sae-fpath .../sae.pt --layer -1 --topk-fpath .../topk.npz
---shards-dpath results/shards/<HASH> --shards-spec-fpath results/specs/shards/<HASH>.json
---spec-fpath results/specs/<sweep>/render/<sae>.json --out-dpath .../features
---browser-fpath .../browser.html --grid-fpath .../grid.jpg --device auto`, where the render spec
-is `{"label": "L-1 topk k=16 x8", "render": {...}}` (the sweep's `render` settings, see
-`config.RenderConfig`) and the shards spec names the dataset; `--concepts-fpath` (the
-evaluation's `concept_candidates.csv`) is optional.
+Run as `python -m saev_core.render --spec-fpath SPEC --out-dpath .../features --browser-fpath
+.../browser.html --grid-fpath .../grid.jpg --device auto`, the spec a `jobs.RenderJob`: the SAE,
+its label, its `topk.npz` and the evaluation's `concept_candidates.csv`, the training shard
+directory and dataset, the layer, and the sweep's `render` settings (`config.RenderConfig`).
 
 Writes `images/<index>.jpg` (each top image once, cropped as the model saw it), for each selected
 latent `latents/<latent>/<rank>.jpg` (the image with its patch heatmap, for people browsing the
@@ -32,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from . import browser, config, datasets, helpers, sae, shards, topk  # noqa: E402
+from . import browser, datasets, helpers, jobs, sae, shards, topk  # noqa: E402
 
 logger = logging.getLogger("render")
 THUMB_PX = 160
@@ -280,52 +277,48 @@ def write_grid(
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    helpers.add_sae_arguments(parser)
-    parser.add_argument("--topk-fpath", type=pathlib.Path, required=True)
-    parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
-    parser.add_argument(
-        "--shards-spec-fpath", type=pathlib.Path, required=True, help="the shards' spec (JSON)"
-    )
-    parser.add_argument(
-        "--spec-fpath", type=pathlib.Path, required=True, help="JSON: label and render settings"
-    )
+    parser.add_argument("--spec-fpath", type=pathlib.Path, required=True, help="a RenderJob")
     parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--browser-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--grid-fpath", type=pathlib.Path, required=True)
-    parser.add_argument("--concepts-fpath", type=pathlib.Path, help="concept_candidates.csv")
     parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     helpers.setup_logging()
-    model = sae.load(args.sae_fpath, helpers.pick_device(args.device))
-    result = topk.load(args.topk_fpath)
-    reader = shards.ShardReader(args.shards_dpath)
-    dataset = datasets.load(json.loads(args.shards_spec_fpath.read_text())["dataset"])
-    spec = json.loads(args.spec_fpath.read_text())
-    render_cfg = config.build(config.RenderConfig, spec["render"]).to_dict()
-    n_images = render_cfg.pop("n_images")
-    concepts = browser.read_concepts(args.concepts_fpath) if args.concepts_fpath else {}
+    job = jobs.RenderJob.read(args.spec_fpath)
+    model = sae.load(job.sae_fpath, helpers.pick_device(args.device))
+    result = topk.load(pathlib.Path(job.topk_fpath))
+    reader = shards.ShardReader(job.shards_dpath)
+    dataset = datasets.load(job.dataset)
+    cfg = job.render
+    concepts = browser.read_concepts(pathlib.Path(job.concepts_fpath))
     best_for_a_class = [f for f, found in concepts.items() if any(c["rank"] == 1 for c in found)]
-    selection = select_latents(result, **render_cfg, concept_latents=best_for_a_class)
+    selection = select_latents(
+        result,
+        cfg.n_latents,
+        cfg.seed,
+        cfg.log10_freq_range,
+        cfg.log10_value_range,
+        cfg.include_latents,
+        concept_latents=best_for_a_class,
+    )
     logger.info(
         "rendering %d latents: %s; %d outside the filters fill up n_latents=%d (%s); "
         "left out by filter: %s",
         len(selection.latents),
         selection.latents,
         len(selection.filled),
-        render_cfg["n_latents"],
+        cfg.n_latents,
         selection.filled,
         selection.removed,
     )
-    layer = args.layer
+    layer = job.layer
     summaries = render(
-        model, result, reader, dataset, layer, args.out_dpath, selection.latents, n_images
+        model, result, reader, dataset, layer, args.out_dpath, selection.latents, cfg.n_images
     )
     plot_value_distributions(result, selection.latents, args.out_dpath / "values.png")
     md = reader.metadata
-    sae_name = spec["label"]
-    title = (
-        f"{sae_name} ({args.sae_fpath.parent.name}): {md.vit_family} {md.vit_ckpt}, layer {layer}"
-    )
+    sae_name = job.label
+    title = f"{sae_name} ({job.sae_id}): {md.vit_family} {md.vit_ckpt}, layer {layer}"
     data = browser.page_data(
         result,
         summaries,

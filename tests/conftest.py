@@ -1,6 +1,5 @@
 """Shared fixtures: a small synthetic image set, its tiny-ViT shard directory, a trained group."""
 
-import json
 import os
 import pathlib
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 
-from saev_core import dump, shards, synthetic, train
+from saev_core import config, dump, jobs, shards, synthetic, train
 
 N_IMGS = 40
 IMG_SIZE = 64
@@ -77,13 +76,29 @@ def shards_dpath(tmp_path_factory, dataset_cfg) -> pathlib.Path:
     return dump.dump(tiny_metadata(), dataset_cfg, root, batch_size=16, device="cpu")
 
 
-def group_spec(layer: int = -1, n_train: int = 256 * 40, **sae_cfgs) -> dict:
+def group_spec(layer: int = -1, n_train: int = 256 * 40, **sae_cfgs) -> dict[str, dict]:
+    """A sweep group's SAEs (id -> flat configuration) on one stream of the tiny shards."""
     stream = {"layer": layer, "tokens": "patches", "batch_size": 256, "n_train": n_train, "seed": 0}
     common = {**stream, "lr": 3e-3, "warmup_steps": 2, "exp_factor": 4}
-    return {
-        "stream": stream,
-        "saes": {sae_id: {**common, **cfg} for sae_id, cfg in sae_cfgs.items()},
-    }
+    return {sae_id: {**common, **cfg} for sae_id, cfg in sae_cfgs.items()}
+
+
+def train_spec_fpath(
+    saes: dict[str, dict], shards_dpath, work_dpath, spec_fpath, checkpoint_every: int = 0
+) -> pathlib.Path:
+    """The spec file of a training job for `saes`, written as the plan writes it."""
+    job = jobs.TrainGroupJob(
+        group="group",
+        model="tiny:vit-tiny-p8-64",
+        d_vit=tiny_metadata().d_vit,
+        saes=saes,
+        shards_dpath=str(shards_dpath),
+        work_dpath=str(work_dpath),
+        checkpoint_every=checkpoint_every,
+        wandb_project=None,
+    )
+    spec_fpath.write_text(job.to_json())
+    return spec_fpath
 
 
 @pytest.fixture(scope="session")
@@ -97,11 +112,23 @@ def trained_dpath(tmp_path_factory, shards_dpath) -> pathlib.Path:
     return out_dpath
 
 
-def render_spec_args(dpath: pathlib.Path, dataset_cfg: dict, render_cfg: dict, label: str):
-    """The spec-file arguments of `python -m saev_core.render`, written as the plan would."""
-    shards_spec_fpath = dpath / "shards-spec.json"
-    shards_spec = {"metadata": tiny_metadata().to_dict(), "dataset": dataset_cfg}
-    shards_spec_fpath.write_text(json.dumps(shards_spec))
-    render_spec_fpath = dpath / "render-spec.json"
-    render_spec_fpath.write_text(json.dumps({"label": label, "render": render_cfg}))
-    return ["--shards-spec-fpath", str(shards_spec_fpath), "--spec-fpath", str(render_spec_fpath)]
+def render_spec_fpath(
+    dpath: pathlib.Path, sae_fpath, shards_dpath, dataset_cfg: dict, render_cfg: dict, label: str
+) -> pathlib.Path:
+    """The spec file of `python -m saev_core.render` for layer -1, written as the plan writes
+    it, with `topk.npz` and `concept_candidates.csv` in `dpath`."""
+    job = jobs.RenderJob(
+        sae_id=pathlib.Path(sae_fpath).parent.name,
+        label=label,
+        sae_fpath=str(sae_fpath),
+        topk_fpath=str(dpath / "topk.npz"),
+        concepts_fpath=str(dpath / "concept_candidates.csv"),
+        shards=pathlib.Path(shards_dpath).name,
+        shards_dpath=str(shards_dpath),
+        layer=-1,
+        dataset=dataset_cfg,
+        render=config.build(config.RenderConfig, render_cfg),
+    )
+    fpath = dpath / "render-spec.json"
+    fpath.write_text(job.to_json())
+    return fpath

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import render_spec_args
+from conftest import render_spec_fpath
 
 from saev_core import datasets, evaluate, render, sae, shards, topk
 
@@ -41,13 +41,12 @@ def rendered(shards_dpath, trained_dpath, dataset_cfg, tmp_path_factory):
     evaluate.write(evaluate.evaluate(model, reader, -1, "patches", class_names), "t", tmp_path)
     topk.save(tmp_path / "topk.npz", topk.top_k(model, reader, -1, "patches", k=4))
     render_cfg = {"n_latents": N_LATENTS, "seed": 0, "log10_freq_range": [-6, 0]}
+    spec_fpath = render_spec_fpath(
+        tmp_path, sae_fpath, shards_dpath, dataset_cfg, render_cfg, label="L-1 topk k=8 x4"
+    )
     render.main(
         [
-            *("--sae-fpath", str(sae_fpath), "--layer", "-1"),
-            *("--topk-fpath", str(tmp_path / "topk.npz")),
-            *("--concepts-fpath", str(tmp_path / "concept_candidates.csv")),
-            *("--shards-dpath", str(shards_dpath)),
-            *render_spec_args(tmp_path, dataset_cfg, render_cfg, label="L-1 topk k=8 x4"),
+            *("--spec-fpath", str(spec_fpath)),
             *("--out-dpath", str(tmp_path / "features")),
             *("--browser-fpath", str(tmp_path / "browser.html")),
             *("--grid-fpath", str(tmp_path / "grid.jpg")),

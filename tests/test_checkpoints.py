@@ -139,7 +139,7 @@ def test_our_earlier_files_keep_loading(tmp_path):
 def test_schema5_export_reads_back_encoding_like_the_original(kind, tmp_path):
     model = trained_like(kind, seed=3)
     sae.save(tmp_path / "sae.pt", model)
-    export.main(["--to", "saev-schema5", str(tmp_path / "sae.pt"), str(tmp_path / "out.pt")])
+    export.main(["--sae-fpath", str(tmp_path / "sae.pt"), "--out-fpath", str(tmp_path / "out.pt")])
     header = checkpoints.read_header(tmp_path / "out.pt")
     assert header["schema"] == 5
     assert header["cfg"]["activation"]["cls"] == checkpoints.SAEV_CLASSES[kind]
@@ -221,3 +221,18 @@ def test_saev_shard_directories_read_bit_exactly(tmp_path):
         (copy / "shards.json").write_text(json.dumps(listing_edit(listing)))
         with pytest.raises(shards.ShardError, match="shards.json does not match metadata.json"):
             shards.ShardReader(copy)
+
+
+def test_checkpoint_layout_and_round_trip(trained_dpath):
+    fpath = trained_dpath / "topk" / "sae.pt"
+    with open(fpath, "rb") as fd:
+        header = json.loads(fd.readline())
+        state = torch.load(io.BytesIO(fd.read()), weights_only=True)
+    assert header["schema"] == 1 and header["cls"] == "TopK"  # saev's own header
+    assert header["cfg"]["top_k"] == 8 and header["cfg"]["d_vit"] == 64
+    ours = header["saev_snakemake"]
+    assert ours["cfg"]["activation"] == "topk" and ours["train"]["layer"] == -1
+    assert set(state) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert state["W_enc"].shape == (64, 256) and state["W_dec"].shape == (256, 64)
+    model = sae.load(fpath)
+    torch.testing.assert_close(model.W_enc.detach(), state["W_enc"])

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import group_spec, run_snakemake, tiny_metadata
+from conftest import group_spec, run_snakemake, tiny_metadata, train_spec_fpath
 
-from saev_core import datasets, dump, evaluate, plan, render, sae, shards, topk, train
+from saev_core import config_files, datasets, dump, evaluate, plan, render, sae, shards, topk, train
 
 REPO = pathlib.Path(__file__).parent.parent
 TINY_CONFIG_FPATH = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
@@ -56,7 +56,7 @@ def test_divergence_stops_at_the_first_non_finite_loss_keeping_the_checkpoint(
     shards_dpath, tmp_path
 ):
     spec = group_spec(relu={"activation": "relu", "sparsity_coeff": 0.01})
-    spec["saes"]["relu"]["lr"] = 1e12
+    spec["relu"]["lr"] = 1e12
     out_dpath, work_dpath = tmp_path / "group", tmp_path / "work"
     with pytest.raises(FloatingPointError, match=r"SAE relu: non-finite loss at step \d+; the "):
         train.train_group(
@@ -128,7 +128,7 @@ def test_an_image_changed_in_place_makes_the_dump_stale(tmp_path):
     config_fpath.write_text(yaml.safe_dump(folder_config(root)))
 
     def shards_done() -> str:
-        shards_hash = plan.make_plan(plan.load_config(config_fpath)).activations["photos"]
+        shards_hash = plan.make_plan(config_files.load(config_fpath)).activations["photos"]
         return f"results/shards/{shards_hash}/shards.json"
 
     before = shards_done()
@@ -170,7 +170,7 @@ def test_yaml_syntax_errors_give_file_line_and_column(tmp_path):
     config_fpath.write_text("datasets:\n  a: [1, 2\nmodels: {}\n")
     # Snakemake reads --configfile files itself first; the default file and this command are ours.
     with pytest.raises(ValueError, match=r"broken.yaml:3:\d+: .*expected ',' or ']'"):
-        plan.load_config(config_fpath)
+        config_files.load(config_fpath)
     check = subprocess.run(
         [sys.executable, "-m", "saev_core.config_files", str(config_fpath)],
         capture_output=True,
@@ -278,12 +278,10 @@ def test_a_second_job_for_a_group_refuses_and_the_first_finishes(shards_dpath, t
     holds the group's lock, the second runs against it, then the first is let go."""
     # ~10 s of training on an idle machine: the lock is seen long before the job could finish.
     spec = group_spec(n_train=256 * 1500, relu={"activation": "relu", "sparsity_coeff": 0.01})
-    spec_fpath = tmp_path / "group.json"
-    spec_fpath.write_text(json.dumps(spec))
     out_dpath, work_dpath = tmp_path / "group", tmp_path / "work"
+    spec_fpath = train_spec_fpath(spec, shards_dpath, work_dpath, tmp_path / "group.json", 50)
     argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
-    argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
-    argv += ["--work-dpath", str(work_dpath), "--checkpoint-every", "50", "--device", "cpu"]
+    argv += ["--out-dpath", str(out_dpath), "--device", "cpu"]
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock_fpath = work_dpath / train.LOCK_FNAME
     # The holder writes its pid into the lock file once the lock is taken; the limit only
@@ -319,7 +317,7 @@ def test_the_suite_ignores_the_users_config(tmp_path):
         copy(REPO / name, repo / name)
     user_fpath = repo / "config" / "experiments.yaml"
     user_fpath.write_text(user_fpath.read_text().replace("layer: [-2, -1]", "layer: -1"))
-    plan.load_config(user_fpath)  # still valid
+    config_files.load(user_fpath)  # still valid
     env = {**os.environ, "PYTHONPATH": str(repo)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_plan.py"]

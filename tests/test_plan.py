@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import run_snakemake
 
-from saev_core import checkpoints, plan, summarize
+from saev_core import checkpoints, config_files, jobs, plan, summarize
 from saev_core import config as saev_config
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -22,7 +22,7 @@ USER_CONFIG_FPATH = REPO / "config" / "experiments.yaml"
 
 @pytest.fixture()
 def config():
-    return plan.load_config(CONFIG_FPATH)
+    return config_files.load(CONFIG_FPATH)
 
 
 def dry_run(config: dict | pathlib.Path, workdir: pathlib.Path, *args: str):
@@ -178,19 +178,42 @@ def test_reversed_render_range_is_a_plan_error(config):
         plan.make_plan(config)
 
 
-def test_wandb_project_reaches_the_training_jobs_only_when_set(tmp_path):
-    config = yaml.safe_load(CONFIG_FPATH.read_text())
-    config["sweeps"]["tiny-synthetic"]["wandb_project"] = "my saes"
-    with_wandb, without = dry_run(config, tmp_path, "-p"), dry_run(CONFIG_FPATH, tmp_path, "-p")
-    assert with_wandb.returncode == without.returncode == 0, with_wandb.stderr + without.stderr
-    with_wandb, without = with_wandb.stdout, without.stdout
-    train_cmds = [line for line in with_wandb.splitlines() if "saev_core.train " in line]
-    assert len(train_cmds) == 2
-    assert all("--wandb-project 'my saes'" in line for line in train_cmds)
-    assert "--wandb-project" not in without
-    # Execution-only: the same SAE ids either way.
-    ids = re.compile(r"results/tiny-synthetic/groups/(\S+?)[ /']")
-    assert set(ids.findall(with_wandb)) == set(ids.findall(without))
+def test_execution_settings_reach_the_training_jobs_but_not_their_identity(config):
+    """`wandb_project` and `checkpoint_every` go to the group's spec; they are not part of any
+    id, nor of the identity whose hash the rule takes, so changing them reruns nothing."""
+    changed = copy.deepcopy(config)
+    changed["sweeps"]["tiny-synthetic"] |= {"wandb_project": "my saes", "checkpoint_every": 7}
+    before, after = plan.make_plan(config).specs, plan.make_plan(changed).specs
+    assert before.keys() == after.keys()
+    train_fpaths = [f for f, job in after.items() if isinstance(job, jobs.TrainGroupJob)]
+    assert len(train_fpaths) == 2
+    for fpath in train_fpaths:
+        assert (after[fpath].wandb_project, after[fpath].checkpoint_every) == ("my saes", 7)
+        assert before[fpath].wandb_project is None
+    assert {f: j.identity_hash() for f, j in before.items()} == {
+        f: j.identity_hash() for f, j in after.items()
+    }
+
+
+def test_every_spec_reads_back_as_its_job_and_a_bad_field_is_named(config, tmp_path):
+    specs = plan.make_plan(config).specs
+    for job in specs.values():
+        fpath = tmp_path / "spec.json"
+        fpath.write_text(job.to_json())
+        assert type(job).read(fpath) == job
+    train_job = next(j for j in specs.values() if isinstance(j, jobs.TrainGroupJob))
+    fields = json.loads(train_job.to_json())
+    for edit, message in [
+        (lambda d: d.pop("work_dpath"), "TrainGroupJob: missing field 'work_dpath'"),
+        (lambda d: d.update(n_steps=3), "TrainGroupJob: unknown field 'n_steps'"),
+        (lambda d: d.update(checkpoint_every="10"), "TrainGroupJob.checkpoint_every: expected int"),
+    ]:
+        bad = copy.deepcopy(fields)
+        edit(bad)
+        fpath = tmp_path / "bad.json"
+        fpath.write_text(json.dumps(bad))
+        with pytest.raises(jobs.SpecError, match=re.escape(f"{fpath}: {message}")):
+            jobs.TrainGroupJob.read(fpath)
 
 
 def sweep_edit(**changes):
@@ -265,36 +288,49 @@ def test_bad_configs_fail_the_dry_run_naming_the_config_path(tmp_path, case):
     assert f"{tmp_path / 'experiments.yaml'}: {expected}" in output, output[-3000:]
 
 
-def test_schema_defaults_equal_the_dataclass_defaults():
-    schema = yaml.safe_load(plan.SCHEMA_FPATH.read_text())
-    sweep = schema["properties"]["sweeps"]["additionalProperties"]["properties"]
-    activations = schema["properties"]["activations"]["additionalProperties"]["properties"]
+SAE_AND_TRAIN = saev_config.defaults(saev_config.SaeConfig) | saev_config.defaults(
+    saev_config.TrainConfig
+)
+SWEEP = "properties/sweeps/additionalProperties/properties"
+CONFIG_DEFAULTS = {
+    "properties": saev_config.defaults(saev_config.WorkflowConfig),
+    "properties/activations/additionalProperties/properties": saev_config.defaults(
+        saev_config.ActivationsConfig
+    ),
+    SWEEP: saev_config.defaults(saev_config.SweepConfig),
+    f"{SWEEP}/render/properties": saev_config.defaults(saev_config.RenderConfig),
+    f"{SWEEP}/saes/items/properties": SAE_AND_TRAIN,
+    f"{SWEEP}/external_saes/items/properties": saev_config.defaults(saev_config.ExternalSaeConfig),
+    "$defs/train/properties": SAE_AND_TRAIN,
+}
+"""Schema location of a `properties` table -> the defaults of the config class it fills."""
 
-    def schema_defaults(properties: dict) -> dict:
-        return {k: v["default"] for k, v in properties.items() if "default" in v}
 
-    def as_json(defaults: dict) -> dict:
-        return json.loads(json.dumps(defaults))
+def schema_defaults(node, path: str = ""):
+    """(location of its `properties` table, key, default) of every default in the schema."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = f"{path}/{key}".lstrip("/")
+            if isinstance(value, dict) and "default" in value:
+                yield path, key, value["default"]
+            yield from schema_defaults(value, child)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from schema_defaults(value, f"{path}/{i}")
 
-    sae_and_train = saev_config.defaults(saev_config.SaeConfig) | saev_config.defaults(
-        saev_config.TrainConfig
-    )
-    for properties, expected in [
-        (schema["properties"], saev_config.defaults(saev_config.WorkflowConfig)),
-        (activations, saev_config.defaults(saev_config.ActivationsConfig)),
-        (sweep["render"]["properties"], saev_config.defaults(saev_config.RenderConfig)),
-        (schema["$defs"]["train"]["properties"], sae_and_train),
-        (sweep["saes"]["items"]["properties"], sae_and_train),
-    ]:
-        found = schema_defaults(properties)
-        assert found, properties
-        assert found == {k: v for k, v in as_json(expected).items() if k in found}
-    sweep_defaults = schema_defaults(sweep)
-    sweep_defaults.pop("render")  # an object whose keys carry their own defaults
-    expected = saev_config.defaults(saev_config.SweepConfig)
-    assert expected.pop("render") == saev_config.RenderConfig()
-    expected = as_json(expected)
-    assert sweep_defaults == {k: expected[k] for k in sweep_defaults}
+
+def test_every_schema_default_equals_the_config_default():
+    """The schema's defaults are the ones that run (Snakemake fills them in); each must be the
+    default `saev_core.config` declares, the one place defaults are written."""
+    found = list(schema_defaults(yaml.safe_load(plan.SCHEMA_FPATH.read_text())))
+    assert len(found) > 30
+    for location, key, default in found:
+        assert location in CONFIG_DEFAULTS, f"{location}/{key}: no config class checks it"
+        expected = CONFIG_DEFAULTS[location][key]
+        if dataclasses.is_dataclass(expected):  # `render: {}`: every key at its own default
+            assert default == {} and expected == type(expected)(), f"{location}/{key}"
+        else:
+            assert default == json.loads(json.dumps(expected)), f"{location}/{key}"
 
 
 def wide_sweep(n_k: int) -> dict:
@@ -315,16 +351,18 @@ def test_a_thousand_saes_plan_with_short_commands(tmp_path):
     assert counts["train_group"] == str(2 * -(-500 // 16))
     assert max(len(line) for line in commands) < 8 * 1024
     # Each job's settings went to a spec file instead.
-    assert len(list((tmp_path / "results/specs/tiny-synthetic/render").iterdir())) == 1000
+    assert len(list((tmp_path / "results/specs/sweeps/tiny-synthetic/render").iterdir())) == 1000
 
 
-def test_summary_of_three_hundred_saes_reads_their_files(tmp_path):
+def test_summary_of_three_hundred_saes_reads_their_files(tmp_path, monkeypatch):
     """Summarise from `sae.pt` headers and `metrics.json` (fakes of the right layout)."""
     config = wide_sweep(150)
     plan.validate_config(config)
-    sweep = plan.make_plan(config).sweeps["tiny-synthetic"]
+    the_plan = plan.make_plan(config)
+    sweep = the_plan.sweeps["tiny-synthetic"]
     assert len(sweep.saes) == 300
-    sweep_dpath = tmp_path / "tiny-synthetic"
+    monkeypatch.chdir(tmp_path)
+    sweep_dpath = tmp_path / "results" / "tiny-synthetic"
     for sae_id, group in sweep.sae_group.items():
         ckpt_fpath = sweep_dpath / "groups" / group / sae_id / "sae.pt"
         ckpt_fpath.parent.mkdir(parents=True)
@@ -337,11 +375,11 @@ def test_summary_of_three_hundred_saes_reads_their_files(tmp_path):
         (sweep_dpath / "saes" / sae_id).mkdir(parents=True)
         (sweep_dpath / "saes" / sae_id / "metrics.json").write_text(json.dumps(metrics))
     spec_fpath = tmp_path / "summary.json"
-    spec_fpath.write_text(json.dumps(sweep.summary_spec()))
+    spec_fpath.write_text(the_plan.specs[plan.summary_spec_fpath("tiny-synthetic")].to_json())
     out = {name: tmp_path / name for name in ("s.csv", "s.parquet", "p.png")}
     summarize.main(
         [
-            *("--spec-fpath", str(spec_fpath), "--sweep-dpath", str(sweep_dpath)),
+            *("--spec-fpath", str(spec_fpath)),
             *("--out-csv-fpath", str(out["s.csv"]), "--out-parquet-fpath", str(out["s.parquet"])),
             *("--out-plot-fpath", str(out["p.png"])),
         ]
@@ -351,13 +389,3 @@ def test_summary_of_three_hundred_saes_reads_their_files(tmp_path):
     assert dict(zip(df["sae"], df["label"], strict=True)) == sweep.labels
     assert (df["l0"] == df["k"]).all()
     assert out["p.png"].stat().st_size > 1000
-
-
-def test_code_fingerprints_follow_imports():
-    steps = ("train", "evaluate", "summarize", "topk", "render")
-    imports = {step: plan.imported_modules(step) for step in steps}
-    assert "sae" in imports["train"] and "browser" in imports["render"]
-    assert "sae" not in imports["summarize"]
-    prints = {step: plan.code_fingerprint(step) for step in steps}
-    assert len(set(prints.values())) == len(steps)
-    assert prints == {step: plan.code_fingerprint(step) for step in steps}  # deterministic

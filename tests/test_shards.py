@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import LAYERS, N_IMGS, tiny_metadata
 
-from saev_core import datasets, dump, loaders, shards, vits
+from saev_core import datasets, dump, jobs, loaders, shards, vits
 
 # One image per shard: 40 shards, so a kill lands between and inside many shard writes.
 ONE_PER_SHARD = 130
@@ -105,11 +105,19 @@ def one_per_shard_dpath(tmp_path_factory, dataset_cfg) -> pathlib.Path:
     return dump.dump(metadata, dataset_cfg, root, batch_size=3, device="cpu")
 
 
-def run_dump_cli(command: str, metadata: shards.Metadata, dataset_cfg: dict, root, *extra):
-    spec_fpath = root / "spec.json"
-    spec_fpath.write_text(json.dumps({"metadata": metadata.to_dict(), "dataset": dataset_cfg}))
+def run_dump_cli(command: str, metadata: shards.Metadata, dataset_cfg: dict, root) -> list[str]:
+    """`python -m saev_core.dump part|publish` on a spec file written as the plan writes it."""
+    out_dpath = str(root / metadata.hash)
+    if command == "part":
+        job = jobs.DumpPartJob(
+            metadata, dataset_cfg, None, 0, 1, out_dpath, batch_size=3, n_workers=0
+        )
+    else:
+        job = jobs.PublishJob(metadata, dataset_cfg, out_dpath, n_workers=0)
+    spec_fpath = root / f"{command}.json"
+    spec_fpath.write_text(job.to_json())
     argv = [sys.executable, "-m", "saev_core.dump", command, "--spec-fpath", str(spec_fpath)]
-    return argv + ["--shards-dpath", str(root), "--n-workers", "0", *extra]
+    return argv + (["--device", "cpu"] if command == "part" else [])
 
 
 def test_sigkill_at_several_points_then_rerun_is_byte_identical(
@@ -117,10 +125,7 @@ def test_sigkill_at_several_points_then_rerun_is_byte_identical(
 ):
     metadata = tiny_metadata(max_patches_per_shard=ONE_PER_SHARD)
     dpath = tmp_path / metadata.hash
-    part_argv = run_dump_cli(
-        "part", metadata, dataset_cfg, tmp_path, "--batch-size", "3", "--device", "cpu"
-    )
-    part_argv += ["--part", "0", "--n-parts", "1"]
+    part_argv = run_dump_cli("part", metadata, dataset_cfg, tmp_path)
 
     def n_complete() -> int:
         return sum(1 for p in dpath.glob("acts*.bin"))
@@ -152,9 +157,9 @@ def test_sigkill_at_several_points_then_rerun_is_byte_identical(
 def test_parts_are_byte_identical_to_one_job(one_per_shard_dpath, dataset_cfg, tmp_path):
     metadata = tiny_metadata(max_patches_per_shard=ONE_PER_SHARD)
     for part in (2, 0, 1):  # any order, as the Slurm jobs may run
-        dump.dump_part(metadata, dataset_cfg, tmp_path, part, 3, batch_size=5, device="cpu")
+        dump.dump_part(metadata, dataset_cfg, tmp_path / metadata.hash, part, 3, batch_size=5)
     assert not (tmp_path / metadata.hash / "shards.json").exists()
-    dump.publish(metadata, dataset_cfg, tmp_path)
+    dump.publish(metadata, dataset_cfg, tmp_path / metadata.hash)
     assert sha256_of_files(tmp_path / metadata.hash) == sha256_of_files(one_per_shard_dpath)
 
 

@@ -166,9 +166,9 @@ def assert_same_as_undisturbed(workdir: pathlib.Path, config: dict, group_id: st
     """Train the cancelled group again here, undisturbed, from the same shards."""
     plan.validate_config(config)
     sweep = plan.make_plan(config).sweeps["tiny-synthetic"]
-    spec = sweep.group_spec(group_id)
+    saes = {sae_id: sweep.saes[sae_id] for sae_id in sweep.groups[group_id].sae_ids}
     shards_dpath = workdir / config["shards_dpath"] / sweep.train_shards
-    models = train.train_group(spec, shards_dpath, workdir / "undisturbed", device="cpu")
+    models = train.train_group(saes, shards_dpath, workdir / "undisturbed", device="cpu")
     for sae_id in models:
         resumed = sae.load(workdir / "results/tiny-synthetic/groups" / group_id / sae_id / "sae.pt")
         undisturbed = sae.load(workdir / "undisturbed" / sae_id / "sae.pt")

@@ -1,6 +1,7 @@
 """The sweep table keeps every SAE's configuration and metrics; the Pareto front is right."""
 
 import polars as pl
+from PIL import Image
 
 from saev_core import summarize
 
@@ -30,4 +31,34 @@ def test_table_and_files_with_and_without_concept_metrics(tmp_path):
     df.write_parquet(tmp_path / "s.parquet")
     assert pl.read_parquet(tmp_path / "s.parquet").equals(df)
     summarize.plot(df, tmp_path / "pareto.png")
-    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    assert Image.open(tmp_path / "pareto.png").size == (960, 660)  # 8 x 5.5 in at 120 dpi
+
+
+def test_pareto_plot_shows_every_sae_by_label_and_each_layer_in_its_own_colour():
+    df = pl.DataFrame(
+        {
+            "model": ["tiny"] * 4,
+            "layer": [-1, -1, -2, -2],
+            "label": ["L-1 topk k=4 x8", "L-1 topk k=16 x8", "L-2 topk k=4 x8", "L-2 relu x8"],
+            "l0": [4.0, 16.0, 4.0, 9.0],
+            "normalized_mse": [0.4, 0.2, 0.5, 0.45],
+        }
+    )
+    ax = summarize.pareto_figure(df).axes[0]
+    points = [c.get_offsets().tolist() for c in ax.collections]
+    assert points == [[[4.0, 0.4], [16.0, 0.2]], [[4.0, 0.5], [9.0, 0.45]]]
+    colours = [tuple(c.get_facecolor()[0]) for c in ax.collections]
+    assert colours[0] != colours[1]
+    # Labels without the layer, which the colour says; the frontier: undominated points only.
+    assert [t.get_text() for t in ax.texts] == [
+        "topk k=4 x8",
+        "topk k=16 x8",
+        "topk k=4 x8",
+        "relu x8",
+    ]
+    fronts = [line.get_xydata().tolist() for line in ax.lines]
+    assert fronts == [[[4.0, 0.4], [16.0, 0.2]], [[4.0, 0.5], [9.0, 0.45]]]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_legend().texts] == [
+        "tiny, layer -1",
+        "tiny, layer -2",
+    ]

@@ -1,7 +1,5 @@
-"""Group training lowers reconstruction error; checkpoints use the saev layout."""
+"""Group training lowers reconstruction error, feeds every member the same batches, resumes."""
 
-import io
-import json
 import signal
 import subprocess
 import sys
@@ -9,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import group_spec
+from conftest import group_spec, train_spec_fpath
 
 from saev_core import config, evaluate, sae, shards, tracking, train
 
@@ -52,52 +50,6 @@ def test_decoder_rows_stay_unit_norm(trained_dpath):
     torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(model.cfg.d_sae))
 
 
-def test_topk_keeps_k_latents():
-    model = sae.SparseAutoencoder(sae.SaeConfig(d_vit=16, exp_factor=4, activation="topk", k=3))
-    f_x = model.encode(torch.randn(10, 16))
-    assert ((f_x > 0).sum(dim=1) <= 3).all()
-
-
-def test_checkpoint_layout_and_round_trip(trained_dpath):
-    fpath = trained_dpath / "topk" / "sae.pt"
-    with open(fpath, "rb") as fd:
-        header = json.loads(fd.readline())
-        state = torch.load(io.BytesIO(fd.read()), weights_only=True)
-    assert header["schema"] == 1 and header["cls"] == "TopK"  # saev's own header
-    assert header["cfg"]["top_k"] == 8 and header["cfg"]["d_vit"] == 64
-    ours = header["saev_snakemake"]
-    assert ours["cfg"]["activation"] == "topk" and ours["train"]["layer"] == -1
-    assert set(state) == {"W_enc", "b_enc", "W_dec", "b_dec"}
-    assert state["W_enc"].shape == (64, 256) and state["W_dec"].shape == (256, 64)
-    model = sae.load(fpath)
-    torch.testing.assert_close(model.W_enc.detach(), state["W_enc"])
-
-
-def test_hand_written_saev_checkpoint_loads(tmp_path):
-    """A schema-1 ReLU checkpoint as saev writes it (extra cfg fields are ignored)."""
-    d_vit, exp_factor = 8, 2
-    state = {
-        "W_enc": torch.randn(d_vit, d_vit * exp_factor),
-        "b_enc": torch.randn(d_vit * exp_factor),
-        "W_dec": torch.randn(d_vit * exp_factor, d_vit),
-        "b_dec": torch.randn(d_vit),
-    }
-    header = {
-        "schema": 1,
-        "cls": "SparseAutoencoder",
-        "cfg": {"d_vit": d_vit, "exp_factor": exp_factor, "n_reinit_samples": 0, "seed": 0},
-        "commit": "unknown",
-        "lib": "0.1",
-    }
-    fpath = tmp_path / "sae.pt"
-    with open(fpath, "wb") as fd:
-        fd.write((json.dumps(header) + "\n").encode())
-        torch.save(state, fd)
-    model = sae.load(fpath)
-    assert model.cfg.activation == "relu" and model.cfg.d_sae == 16
-    torch.testing.assert_close(model.b_dec.detach(), state["b_dec"])
-
-
 def test_unknown_checkpoint_schema_is_rejected(tmp_path):
     fpath = tmp_path / "sae.pt"
     fpath.write_bytes(b'{"schema": 7, "cls": "SparseAutoencoder", "cfg": {}}\n')
@@ -112,17 +64,14 @@ def test_sigkill_then_rerun_ends_with_the_same_weights(shards_dpath, tmp_path):
         relu={"activation": "relu", "sparsity_coeff": 0.01},
         topk={"activation": "topk", "k": 8},
     )
-    spec["stream"]["batch_size"] = 64
-    for cfg in spec["saes"].values():
+    for cfg in spec.values():
         cfg["batch_size"] = 64
     undisturbed = train.train_group(spec, shards_dpath, tmp_path / "undisturbed", device="cpu")
 
     out_dpath, work_dpath = tmp_path / "killed", tmp_path / "work"
-    spec_fpath = tmp_path / "group.json"
-    spec_fpath.write_text(json.dumps(spec))
+    spec_fpath = train_spec_fpath(spec, shards_dpath, work_dpath, tmp_path / "group.json", 25)
     argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
-    argv += ["--shards-dpath", str(shards_dpath), "--out-dpath", str(out_dpath)]
-    argv += ["--work-dpath", str(work_dpath), "--checkpoint-every", "25", "--device", "cpu"]
+    argv += ["--out-dpath", str(out_dpath), "--device", "cpu"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:

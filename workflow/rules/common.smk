@@ -1,8 +1,9 @@
-"""Planning: the validated config becomes typed job specs (saev_core.plan), written to
-results/specs/; helpers below hand each rule its inputs and params."""
+"""Planning: the validated config becomes one typed job per rule and wildcard (saev_core.plan),
+written to results/specs/; helpers below hand each rule its spec, inputs and params."""
 
-import shlex
+import types
 
+from saev_core import reruns
 from saev_core import plan as saev_plan
 
 CONFIG_SOURCE = ", ".join(CONFIG_FPATHS)
@@ -12,18 +13,62 @@ try:
     PLAN = saev_plan.make_plan(config, rescan=workflow.is_main_process)
 except saev_plan.PlanError as err:
     raise WorkflowError(f"{CONFIG_SOURCE}: {err}") from None
-saev_plan.write_specs(PLAN)
-saev_plan.heal_shard_directories(PLAN)
+if workflow.is_main_process:
+    # Only where Snakemake plans, never in a job's own parse of the Snakefile on a compute node.
+    reruns.write_specs(PLAN.specs)
+    reruns.heal_shard_directories(
+        {h: (j.metadata, j.activations.n_parts) for h, j in PLAN.shard_jobs.items()},
+        PLAN.workflow.shards_dpath,
+    )
 
 SHARDS_DPATH = PLAN.workflow.shards_dpath.rstrip("/")
 DEVICE = PLAN.workflow.device
-# Each step's code: a rule reruns when the saev_core modules its step imports change. Not the
-# dump's: shard directories (and generated datasets) are named by their configuration and never
-# rewritten; after changing code that alters their bytes, delete them (README, "Reruns").
-CODE = {
-    step: saev_plan.code_fingerprint(step)
-    for step in ("train", "evaluate", "summarize", "topk", "render", "export")
-}
+
+
+def step_job(step, spec_fpath, code=True):
+    """The spec of the job of `python -m saev_core.<step> --spec-fpath SPEC`, for its rule.
+
+    `input` is the spec file, by path only (`ancient`); `params` are the hash of the job's
+    identity (a changed setting reruns it, an execution setting or a rewritten equal spec does
+    not), the fingerprint of the step's code (`code=False` for steps whose outputs are named by
+    their configuration and never rewritten: README, "Reruns"), and the device, derived (it
+    takes `input`), so it is not a rerun trigger."""
+    params = {
+        "spec": lambda wc: PLAN.specs[spec_fpath(wc)].identity_hash(),
+        "device": lambda wc, input: DEVICE,
+    }
+    if code:
+        params["code"] = reruns.code_fingerprint(step)
+    return types.SimpleNamespace(
+        input=lambda wc: ancient(spec_fpath(wc)), params=params
+    )
+
+
+SYNTHETIC = step_job(
+    "synthetic", lambda wc: saev_plan.dataset_spec_fpath(wc.dataset), code=False
+)
+DUMP = step_job(
+    "dump",
+    lambda wc: saev_plan.dump_spec_fpath(wc.shards, int(wc.part), int(wc.n_parts)),
+    code=False,
+)
+PUBLISH = step_job(
+    "dump", lambda wc: saev_plan.publish_spec_fpath(wc.shards), code=False
+)
+TRAIN = step_job(
+    "train", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "groups", wc.group)
+)
+EVALUATE = step_job(
+    "evaluate", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "evaluate", wc.sae)
+)
+TOPK = step_job("topk", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "topk", wc.sae))
+RENDER = step_job(
+    "render", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "render", wc.sae)
+)
+EXPORT = step_job(
+    "export", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "export", wc.slug)
+)
+SUMMARIZE = step_job("summarize", lambda wc: saev_plan.summary_spec_fpath(wc.sweep))
 
 
 # Tiny steps run where Snakemake runs, never as cluster jobs.
@@ -55,30 +100,6 @@ def shards_dpath(shards_hash):
     return f"{SHARDS_DPATH}/{shards_hash}"
 
 
-def get_sweep_shards_dpath(which):
-    """The `train_shards` or `eval_shards` directory of the job's sweep. The param function takes
-    `input`, which makes Snakemake count it as derived, not a rerun trigger: moving
-    `shards_dpath` to another disk retrains nothing."""
-
-    def dpath(wildcards, input):
-        return shards_dpath(getattr(PLAN.sweeps[wildcards.sweep], which))
-
-    return dpath
-
-
-def spec_input(fpath):
-    """Spec files are inputs by path only: their content reaches the rule as a `spec` param."""
-    return ancient(fpath)
-
-
-def get_shards_spec(wildcards):
-    return spec_input(saev_plan.shards_spec_fpath(wildcards.shards))
-
-
-def get_shards_spec_hash(wildcards):
-    return saev_plan.spec_hash(PLAN.shard_jobs[wildcards.shards].spec)
-
-
 def get_dataset_input(dataset):
     """Generated datasets are produced by a rule (deterministic from their seed); external ones
     are just read."""
@@ -94,7 +115,7 @@ def get_dump_dataset(wildcards):
 def get_dump_parts(wildcards):
     n_parts = PLAN.shard_jobs[wildcards.shards].activations.n_parts
     return [
-        f"{SHARDS_DPATH}/{wildcards.shards}/{saev_plan.part_marker_fname(part, n_parts)}"
+        f"{SHARDS_DPATH}/{wildcards.shards}/{reruns.part_marker_fname(part, n_parts)}"
         for part in range(n_parts)
     ]
 
@@ -112,24 +133,6 @@ def get_sae_input(wildcards):
     return sae_input(wildcards.sweep, wildcards.sae)
 
 
-def get_sae_fpath(wildcards, input):
-    """The SAE's checkpoint (derived: it takes `input`, so it is not a rerun trigger)."""
-    return PLAN.sweeps[wildcards.sweep].sae_fpath(wildcards.sae)
-
-
-def get_layer(wildcards):
-    return PLAN.sweeps[wildcards.sweep].layer_tokens(wildcards.sae)[0]
-
-
-def get_tokens(wildcards):
-    return PLAN.sweeps[wildcards.sweep].layer_tokens(wildcards.sae)[1]
-
-
-def get_wandb_args(wildcards):
-    project = PLAN.sweeps[wildcards.sweep].cfg.wandb_project
-    return f"--wandb-project {shlex.quote(project)}" if project else ""
-
-
 def get_report_labels(view):
     """Report labels of one SAE's item: its readable label, its id and what the item shows."""
 
@@ -142,7 +145,7 @@ def get_report_labels(view):
 
 def get_all_outputs():
     # Every shard directory's own completion marker: a purged or damaged directory (see
-    # saev_plan.heal_shard_directories) is dumped and published again.
+    # reruns.heal_shard_directories) is dumped and published again.
     outputs = [f"{shards_dpath(h)}/shards.json" for h in PLAN.shard_jobs]
     for name, sweep in PLAN.sweeps.items():
         outputs += [f"results/{name}/summary.csv", f"results/{name}/pareto.png"]

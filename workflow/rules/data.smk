@@ -1,5 +1,7 @@
 rule synthetic_dataset:
     """Generate the planted-concept image set, deterministic from its seed."""
+    input:
+        spec=SYNTHETIC.input,
     output:
         directory("results/datasets/{dataset}"),
     log:
@@ -9,9 +11,7 @@ rule synthetic_dataset:
     conda:
         "../../envs/saev.yaml"
     params:
-        n_imgs=lambda wc: PLAN.datasets[wc.dataset]["n_imgs"],
-        img_size=lambda wc: PLAN.datasets[wc.dataset]["img_size"],
-        seed=lambda wc: PLAN.datasets[wc.dataset]["seed"],
+        **SYNTHETIC.params,
     shell:
-        "python -m saev_core.synthetic --out-dpath {output} --n-imgs {params.n_imgs}"
-        " --img-size {params.img_size} --seed {params.seed} > {log} 2>&1"
+        "python -m saev_core.synthetic --spec-fpath {input.spec:q} --out-dpath {output:q}"
+        " > {log} 2>&1"

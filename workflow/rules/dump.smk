@@ -6,7 +6,7 @@ rule dump_activations:
     the directory removes it too) only says this part is done.
     """
     input:
-        spec=get_shards_spec,
+        spec=DUMP.input,
         dataset=get_dump_dataset,
     output:
         touch(f"{SHARDS_DPATH}/{{shards}}/.dump-part{{part}}-of-{{n_parts}}.done"),
@@ -18,23 +18,17 @@ rule dump_activations:
         "../../envs/saev.yaml"
     threads: lambda wc: PLAN.shard_jobs[wc.shards].activations.n_workers + 1
     params:
-        spec=get_shards_spec_hash,
-        batch_size=lambda wc: PLAN.shard_jobs[wc.shards].activations.batch_size,
-        n_workers=lambda wc: PLAN.shard_jobs[wc.shards].activations.n_workers,
-        shards_dpath=lambda wc, output: os.path.dirname(os.path.dirname(output[0])),
-        device=DEVICE,
+        **DUMP.params,
     shell:
-        "python -m saev_core.dump part --spec-fpath {input.spec:q} --part {wildcards.part}"
-        " --n-parts {wildcards.n_parts} --shards-dpath {params.shards_dpath:q}"
-        " --batch-size {params.batch_size} --n-workers {params.n_workers}"
-        " --device {params.device} > {log} 2>&1"
+        "python -m saev_core.dump part --spec-fpath {input.spec:q} --device {params.device}"
+        " > {log} 2>&1"
 
 
 rule publish_activations:
     """Once every part is done: write labels.bin (datasets with masks), check every shard and
     publish shards.json, which alone marks the directory complete."""
     input:
-        spec=get_shards_spec,
+        spec=PUBLISH.input,
         dataset=get_dump_dataset,
         parts=get_dump_parts,
     output:
@@ -48,9 +42,6 @@ rule publish_activations:
         "../../envs/saev.yaml"
     threads: lambda wc: PLAN.shard_jobs[wc.shards].activations.n_workers + 1
     params:
-        spec=get_shards_spec_hash,
-        n_workers=lambda wc: PLAN.shard_jobs[wc.shards].activations.n_workers,
-        shards_dpath=lambda wc, output: os.path.dirname(os.path.dirname(output[0])),
+        **PUBLISH.params,
     shell:
-        "python -m saev_core.dump publish --spec-fpath {input.spec:q}"
-        " --shards-dpath {params.shards_dpath:q} --n-workers {params.n_workers} > {log} 2>&1"
+        "python -m saev_core.dump publish --spec-fpath {input.spec:q} > {log} 2>&1"

@@ -1,11 +1,9 @@
 rule evaluate_sae:
     """Metrics, per-latent statistics and concept recovery of one SAE on held-out activations."""
     input:
+        spec=EVALUATE.input,
         sae=get_sae_input,
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].eval_shards),
-        spec=lambda wc: spec_input(
-            saev_plan.shards_spec_fpath(PLAN.sweeps[wc.sweep].eval_shards)
-        ),
     output:
         metrics="results/{sweep}/saes/{sae}/metrics.json",
         latents="results/{sweep}/saes/{sae}/latents.npz",
@@ -31,27 +29,17 @@ rule evaluate_sae:
     conda:
         "../../envs/saev.yaml"
     params:
-        spec=lambda wc: saev_plan.spec_hash(
-            PLAN.shard_jobs[PLAN.sweeps[wc.sweep].eval_shards].spec
-        ),
-        code=CODE["evaluate"],
-        sae_fpath=get_sae_fpath,
-        layer=get_layer,
-        tokens=get_tokens,
-        shards_dpath=get_sweep_shards_dpath("eval_shards"),
+        **EVALUATE.params,
         out_dpath=lambda wc, output: os.path.dirname(output.metrics),
-        device=DEVICE,
     shell:
-        "python -m saev_core.evaluate --sae-fpath {params.sae_fpath:q} --layer {params.layer}"
-        " --tokens {params.tokens} --shards-dpath {params.shards_dpath:q}"
-        " --shards-spec-fpath {input.spec:q}"
-        " --out-dpath {params.out_dpath:q} --device {params.device} > {log} 2>&1"
+        "python -m saev_core.evaluate --spec-fpath {input.spec:q} --out-dpath {params.out_dpath:q}"
+        " --device {params.device} > {log} 2>&1"
 
 
 rule summarize_sweep:
     """One table row per SAE and the L0-vs-MSE Pareto plot."""
     input:
-        spec=lambda wc: spec_input(saev_plan.summary_spec_fpath(wc.sweep)),
+        spec=SUMMARIZE.input,
         metrics=lambda wc: expand(
             "results/{sweep}/saes/{sae}/metrics.json",
             sweep=wc.sweep,
@@ -78,9 +66,7 @@ rule summarize_sweep:
     conda:
         "../../envs/saev.yaml"
     params:
-        spec=lambda wc: saev_plan.spec_hash(PLAN.sweeps[wc.sweep].summary_spec()),
-        code=CODE["summarize"],
+        **SUMMARIZE.params,
     shell:
-        "python -m saev_core.summarize --spec-fpath {input.spec:q}"
-        " --sweep-dpath results/{wildcards.sweep} --out-csv-fpath {output.csv:q}"
+        "python -m saev_core.summarize --spec-fpath {input.spec:q} --out-csv-fpath {output.csv:q}"
         " --out-parquet-fpath {output.parquet:q} --out-plot-fpath {output.plot:q} > {log} 2>&1"

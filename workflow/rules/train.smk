@@ -5,7 +5,7 @@ rule train_group:
     removes after a failure), so a killed or resubmitted job continues where it stopped.
     """
     input:
-        spec=lambda wc: spec_input(saev_plan.group_spec_fpath(wc.sweep, wc.group)),
+        spec=TRAIN.input,
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
     output:
         directory("results/{sweep}/groups/{group}"),
@@ -17,25 +17,18 @@ rule train_group:
         "../../envs/saev.yaml"
     threads: 4
     params:
-        spec=lambda wc: saev_plan.spec_hash(PLAN.sweeps[wc.sweep].group_spec(wc.group)),
-        code=CODE["train"],
-        shards_dpath=get_sweep_shards_dpath("train_shards"),
-        work_dpath=lambda wc: f"results/{wc.sweep}/work/{wc.group}",
-        checkpoint_every=lambda wc: PLAN.sweeps[wc.sweep].cfg.checkpoint_every,
-        wandb=get_wandb_args,
-        device=DEVICE,
+        **TRAIN.params,
     shell:
-        "python -m saev_core.train --spec-fpath {input.spec:q}"
-        " --shards-dpath {params.shards_dpath:q} --out-dpath {output:q}"
-        " --work-dpath {params.work_dpath:q} --checkpoint-every {params.checkpoint_every}"
-        " --device {params.device} {params.wandb} > {log} 2>&1"
+        "python -m saev_core.train --spec-fpath {input.spec:q} --out-dpath {output:q}"
+        " --device {params.device} > {log} 2>&1"
 
 
 rule export_saev:
     """A trained SAE in today's saev layout (schema 5), named by its label: for saev users, and
     readable here as an external SAE."""
     input:
-        lambda wc: sae_input(wc.sweep, PLAN.sweeps[wc.sweep].slugs[wc.slug]),
+        spec=EXPORT.input,
+        sae=lambda wc: sae_input(wc.sweep, PLAN.sweeps[wc.sweep].slugs[wc.slug]),
     output:
         "results/exports/{sweep}/{slug}.saev5.pt",
     log:
@@ -45,9 +38,7 @@ rule export_saev:
     conda:
         "../../envs/saev.yaml"
     params:
-        code=CODE["export"],
-        sae_fpath=lambda wc, input: PLAN.sweeps[wc.sweep].sae_fpath(
-            PLAN.sweeps[wc.sweep].slugs[wc.slug]
-        ),
+        **EXPORT.params,
     shell:
-        "python -m saev_core.export --to saev-schema5 {params.sae_fpath:q} {output:q} > {log} 2>&1"
+        "python -m saev_core.export --spec-fpath {input.spec:q} --out-fpath {output:q}"
+        " > {log} 2>&1"
