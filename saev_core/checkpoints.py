@@ -14,7 +14,9 @@ encoder does, changed over saev's history (`../shared/interop/README.md` has fil
 | ours, other (`jumprelu`, normalised inputs; older files) | `cls: SparseAutoencoder` (saev refuses it) | ours: `(x - b_dec) @ W_enc + b_enc` |
 
 An SAE loaded from a file whose encoder does not subtract `b_dec` keeps that encoder
-(`SaeConfig.subtract_b_dec` off), so it computes exactly what the code that wrote it computes.
+(`subtracts_b_dec` off), and saev's TopK and f5d892c's BatchTopK keep saev's encodings
+(`encoding`: `saev-topk`, `saev-batchtopk`, see `sae.SAEV_ENCODINGS`), so it computes exactly
+what the code that wrote it computes.
 """
 
 import dataclasses
@@ -23,12 +25,10 @@ import json
 import pathlib
 import typing
 
-from .config import ConfigError, SaeConfig
+from .config import KINDS, ConfigError, SaeConfig
 
 OUR_KEY = "saev_snakemake"
 """Our own section of a saev-compatible header; saev ignores keys it does not know."""
-SAEV_CLASSES = {"relu": "Relu", "topk": "TopK", "batchtopk": "BatchTopK"}
-"""Our activations that saev's schema-1 loader can represent, and its class names for them."""
 SAEV_SCHEMA1_FIELDS = (
     "d_vit",
     "exp_factor",
@@ -60,6 +60,8 @@ class Layout(typing.NamedTuple):
     """Values of ours that the header carries instead of the state dict."""
     train: dict | None
     """The training configuration of an SAE this workflow trained."""
+    encoding: str | None = None
+    """saev's own encoding where it differs from the kind's (`saev-topk`, `saev-batchtopk`)."""
 
 
 def parse_header(fpath: pathlib.Path, line: bytes) -> dict:
@@ -155,7 +157,8 @@ def saev_pre_schema(header: dict) -> Layout:
 
 def saev_schema1(header: dict) -> Layout:
     cls, cfg = header["cls"], header["cfg"]
-    kinds = {"Relu": "relu", "TopK": "saev-topk", "BatchTopK": "saev-batchtopk"}
+    kinds = {"Relu": "relu", "TopK": "topk", "BatchTopK": "batchtopk"}
+    encodings = {"TopK": "saev-topk", "BatchTopK": "saev-batchtopk"}
     if cls not in kinds:
         raise ConfigError("cls", f"{cls!r} is not one of saev's schema-1 classes {list(kinds)}")
     expected = set(SAEV_SCHEMA1_FIELDS) | ({"top_k"} if cls != "Relu" else set())
@@ -174,9 +177,8 @@ def saev_schema1(header: dict) -> Layout:
         k=cfg.get("top_k", 0),
         seed=cfg["seed"],
     )
-    return Layout(
-        f"saev schema 1 ({cls}, commit {commit or '?'})", sae_cfg, subtracts, {}, {}, None
-    )
+    name = f"saev schema 1 ({cls}, commit {commit or '?'})"
+    return Layout(name, sae_cfg, subtracts, {}, {}, None, encodings.get(cls))
 
 
 def saev_schema5(header: dict) -> Layout:
@@ -187,24 +189,26 @@ def saev_schema5(header: dict) -> Layout:
     activation = cfg["activation"]
     cls, params = activation["cls"], activation["params"]
     common = dict(d_vit=d_model, exp_factor=d_sae // d_model)
-    renames = {}
+    renames, encoding = {}, None
     if cls == "Relu":
         coeff = params.get("sparsity", {}).get("params", {}).get("coeff", 0.0)
         sae_cfg = SaeConfig(**common, activation="relu", sparsity_coeff=coeff)
     elif cls == "TopK":
-        sae_cfg = SaeConfig(**common, activation="saev-topk", k=params["top_k"])
+        sae_cfg = SaeConfig(**common, activation="topk", k=params["top_k"])
+        encoding = "saev-topk"
     elif cls == "BatchTopK":
         sae_cfg = SaeConfig(**common, activation="batchtopk", k=params["top_k"])
         renames = {"activation.threshold": "threshold"}
     else:
         raise ConfigError("cfg.activation.cls", f"{cls!r} is not Relu, TopK or BatchTopK")
-    return Layout(f"saev schema 5 ({cls})", sae_cfg, False, renames, {}, None)
+    return Layout(f"saev schema 5 ({cls})", sae_cfg, False, renames, {}, None, encoding)
 
 
 def saev_header(cfg: SaeConfig, section: dict) -> dict:
     """The header of an SAE of ours: saev's schema-1 header where saev can represent the SAE
     (its loader at f5d892c reads it), else our own class name, which saev refuses."""
-    if cfg.activation not in SAEV_CLASSES or cfg.normalize:
+    saev_class = KINDS[cfg.activation].saev_class
+    if saev_class is None or cfg.normalize:
         return {
             "schema": 1,
             "cls": "SparseAutoencoder",
@@ -219,6 +223,6 @@ def saev_header(cfg: SaeConfig, section: dict) -> dict:
         "normalize_w_dec": True,
         "seed": cfg.seed,
     }
-    if cfg.activation != "relu":
+    if KINDS[cfg.activation].takes_k:
         saev_cfg["top_k"] = cfg.k
-    return {"schema": 1, "cls": SAEV_CLASSES[cfg.activation], "cfg": saev_cfg, OUR_KEY: section}
+    return {"schema": 1, "cls": saev_class, "cfg": saev_cfg, OUR_KEY: section}

@@ -11,17 +11,40 @@ job starts, and each step rebuilds the same objects from its spec file.
 import dataclasses
 import typing
 
-ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
-SAEV_ACTIVATIONS = ("saev-topk", "saev-batchtopk")
-"""Inference-only kinds of checkpoints written by saev (see `checkpoints`): `saev-topk` keeps the
-k largest pre-activations as they are (no ReLU); `saev-batchtopk` keeps the k largest over the
-whole batch (saev f5d892c's BatchTopK, in eval mode too). Nothing trains them."""
-TOP_K_KINDS = ("topk", "batchtopk", *SAEV_ACTIVATIONS)
-PENALTY_KINDS = ("relu", "jumprelu")
 TOKENS = ("patches", "cls", "all")
 LR_SCHEDULES = ("constant", "cosine")
 MATRYOSHKA_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 """Matryoshka: reconstruct from these fractions of the latents too (nested dictionaries)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """An activation kind as a configuration sees it: the settings it takes and the saev class
+    that can represent it. Its encoding and loss are `sae.ACTIVATIONS[name]`."""
+
+    name: str
+    penalty: str | None = None
+    """What `sparsity_coeff` weighs: `l1` (the latents' sum) or `l0` (their count); None: the
+    kind keeps `k` latents instead and takes no penalty."""
+    saev_class: str | None = None
+    """saev's class for it (schema 1 and 5); None: saev cannot represent it."""
+
+    @property
+    def takes_k(self) -> bool:
+        """`k` (and AuxK's `aux_k`) apply."""
+        return self.penalty is None
+
+
+KINDS = {
+    kind.name: kind
+    for kind in (
+        Kind("relu", penalty="l1", saev_class="Relu"),
+        Kind("topk", saev_class="TopK"),
+        Kind("batchtopk", saev_class="BatchTopK"),
+        Kind("jumprelu", penalty="l0"),
+    )
+}
+"""Every activation an SAE can train with."""
 
 
 class ConfigError(ValueError):
@@ -83,32 +106,35 @@ class SaeConfig:
     """Decoder rows start from first-batch vectors (minus b_dec, unit norm) blended 0.8 with
     random directions, the encoder as the decoder's transpose (saev's `reinit_blend`); else
     random unit rows. Pair it with `grad_clip`: without it the quality benchmark diverged."""
-    subtract_b_dec: bool = True
-    """The encoder reads `x - b_dec` (ours, and saev before f5d892c); saev's later encoders read
-    `x` itself, which loaded checkpoints of theirs keep."""
 
     def __post_init__(self):
-        kind = self.activation
-        if kind not in ACTIVATIONS + SAEV_ACTIVATIONS:
-            raise ConfigError("activation", f"must be one of {list(ACTIVATIONS)}, got {kind!r}")
+        if self.activation not in KINDS:
+            raise ConfigError(
+                "activation", f"must be one of {list(KINDS)}, got {self.activation!r}"
+            )
+        kind = KINDS[self.activation]
+        with_k = [k.name for k in KINDS.values() if k.takes_k]
+        with_penalty = [k.name for k in KINDS.values() if k.penalty]
         if self.d_vit < 1:
             raise ConfigError("d_vit", f"must be at least 1, got {self.d_vit}")
         if self.exp_factor < 1:
             raise ConfigError("exp_factor", f"must be at least 1, got {self.exp_factor}")
-        if kind in TOP_K_KINDS and self.k < 1:
-            raise ConfigError("k", f"{kind} needs k >= 1, got {self.k}")
-        if kind in TOP_K_KINDS and self.k > self.d_sae:
+        if kind.takes_k and self.k < 1:
+            raise ConfigError("k", f"{kind.name} needs k >= 1, got {self.k}")
+        if kind.takes_k and self.k > self.d_sae:
             raise ConfigError("k", f"{self.k} exceeds d_sae {self.d_sae}")
-        if kind not in TOP_K_KINDS and self.k:
-            raise ConfigError("k", f"applies to topk and batchtopk, not {kind}")
-        if self.aux_k and kind not in ("topk", "batchtopk"):
-            raise ConfigError("aux_k", f"applies to topk and batchtopk, not {kind}")
+        if not kind.takes_k and self.k:
+            raise ConfigError("k", f"applies to {' and '.join(with_k)}, not {kind.name}")
+        if self.aux_k and not kind.takes_k:
+            raise ConfigError("aux_k", f"applies to {' and '.join(with_k)}, not {kind.name}")
         if not 0 <= self.aux_k <= self.d_sae:
             raise ConfigError("aux_k", f"{self.aux_k} is not in 0..d_sae {self.d_sae}")
         if self.sparsity_coeff < 0:
             raise ConfigError("sparsity_coeff", f"must be >= 0, got {self.sparsity_coeff}")
-        if self.sparsity_coeff and kind not in PENALTY_KINDS:
-            raise ConfigError("sparsity_coeff", f"applies to relu and jumprelu, not {kind}")
+        if self.sparsity_coeff and not kind.penalty:
+            raise ConfigError(
+                "sparsity_coeff", f"applies to {' and '.join(with_penalty)}, not {kind.name}"
+            )
         if self.aux_coeff < 0:
             raise ConfigError("aux_coeff", f"must be >= 0, got {self.aux_coeff}")
         if self.dead_tokens < 1:

@@ -22,25 +22,6 @@ import torch
 from . import jobs, sae, shards
 
 
-def schema5_activation(cfg: sae.SaeConfig) -> dict:
-    """saev's `cfg.activation` for one of our SAEs (the classes and keys its files use)."""
-    no_sparsity = {"cls": "NoSparsity", "params": {"key": "no-sparsity"}}
-    if cfg.aux_k:
-        aux = {"cls": "AuxK", "params": {"key": "auxk", "k_aux": cfg.aux_k, "alpha": cfg.aux_coeff}}
-    else:
-        aux = {"cls": "NoAux", "params": {"key": "no-aux"}}
-    if cfg.activation == "relu":
-        l1 = {"cls": "L1Sparsity", "params": {"key": "l1-sparsity", "coeff": cfg.sparsity_coeff}}
-        return {"cls": "Relu", "params": {"key": "relu", "sparsity": l1, "aux": aux}}
-    if cfg.activation == "topk":
-        params = {"key": "top-k", "top_k": cfg.k, "sparsity": no_sparsity, "aux": aux}
-        return {"cls": "TopK", "params": params}
-    if cfg.activation == "batchtopk":
-        params = {"key": "batch-top-k", "top_k": cfg.k, "sparsity": no_sparsity, "momentum": 0.1}
-        return {"cls": "BatchTopK", "params": {**params, "aux": aux}}
-    raise ValueError(f"saev has no equivalent of a {cfg.activation} SAE")
-
-
 def to_schema5(model: sae.SparseAutoencoder, fpath: pathlib.Path):
     """Write `model` in saev's schema-5 layout."""
     cfg = model.cfg
@@ -51,7 +32,7 @@ def to_schema5(model: sae.SparseAutoencoder, fpath: pathlib.Path):
         "cfg": {
             "d_model": cfg.d_vit,
             "d_sae": cfg.d_sae,
-            "activation": schema5_activation(cfg),
+            "activation": model.stack.activation.schema5(cfg),
             "reinit_blend": 0.8,
             "reinit_enc_dec_tranpose": True,  # sic: saev's spelling
             "remove_parallel_grads": True,
@@ -66,7 +47,7 @@ def to_schema5(model: sae.SparseAutoencoder, fpath: pathlib.Path):
         "W_enc": model.W_enc.detach().cpu().clone(),
         "b_enc": sae.saev_b_enc(model),
     }
-    if cfg.activation == "batchtopk":
+    if "threshold" in model.stack.activation.state_keys:
         state["activation.threshold"] = model.stack.threshold[0].detach().cpu().clone()
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -7,6 +7,8 @@ steps print the same names without importing the planner.
 import collections
 import json
 
+from . import config
+
 
 def format_number(value) -> str:
     """Short text for a config value: 0.0004 -> 4e-4, 0.01 -> 0.01, 16 -> 16."""
@@ -24,13 +26,11 @@ def base_label(cfg: dict) -> str:
     parts = [f"L{cfg['layer']}"]
     if cfg.get("tokens", "patches") != "patches":
         parts.append(cfg["tokens"])
-    activation = cfg["activation"]
-    if activation == "relu":
-        parts.append(f"relu l1={format_number(cfg['sparsity_coeff'])}")
-    elif activation == "jumprelu":
-        parts.append(f"jumprelu l0={format_number(cfg['sparsity_coeff'])}")
+    kind = config.KINDS[cfg["activation"]]
+    if kind.penalty:
+        parts.append(f"{kind.name} {kind.penalty}={format_number(cfg['sparsity_coeff'])}")
     else:
-        parts.append(f"{activation} k={cfg['k']}")
+        parts.append(f"{kind.name} k={cfg['k']}")
     parts.append(f"x{cfg['exp_factor']}")
     if cfg.get("matryoshka"):
         parts.append("matryoshka")

@@ -1,14 +1,14 @@
-"""Sparse autoencoders (SPEC §6): the architectures, stacked training, and the checkpoint format.
+"""Sparse autoencoders (SPEC §6): the activation kinds, stacked training, saving and loading.
 
 Shape key: M = SAEs in a stack, B = batch, D = d_vit, F = d_sae (latents), K = kept latents.
 
-Training runs a `StackedSaes` per (activation, width) in a sweep group: its SAEs as one batched
-computation over a leading M axis (one `baddbmm` per matrix product for all of them). `SparseAutoencoder` is
-one trained SAE for inference; both use the same activation functions, so a member exported from
-a stack encodes exactly as it did in training's inference mode.
-
-`sae.pt` follows the saev layout: one line of JSON, then a `torch.save` of the state dict, so
-saev's checkpoints load here and ours load there (`checkpoints` describes every layout).
+Each activation kind is one `Activation` class (`ACTIVATIONS`): its encoding, its sparsity loss,
+what it learns from the data and the tensors it stores. Training runs a `StackedSaes` per
+(activation, width) in a sweep group: its SAEs as one batched computation over a leading M axis
+(one `baddbmm` per matrix product for all of them). `SparseAutoencoder` is one trained SAE for
+inference; both use the same activation, so a member exported from a stack encodes exactly as it
+did in training's inference mode. `save` and `load` write and read `sae.pt` in the layouts that
+`checkpoints` describes (saev's headers, read without torch there).
 """
 
 import dataclasses
@@ -133,16 +133,175 @@ def keep_batch_topk(pre_MBF: torch.Tensor, n_keep_M: torch.Tensor, relu: bool = 
     return torch.zeros_like(flat_MN).scatter(-1, idx_MK, vals_MK * keep_MK).view(M, B, F)
 
 
-class SaeParams(torch.nn.Module):
-    """Weights of M SAEs of one width: the parameters and activation both classes share."""
+class Activation:
+    """One activation kind: how it turns pre-activations into latents, its sparsity loss, what
+    it learns from the first batch and from each training batch, and the tensors it stores.
+    Methods take the stack (`SaeParams`) whose parameters and buffers they read; one instance
+    serves all M SAEs of a stack."""
 
-    def __init__(self, cfgs: list[SaeConfig]):
+    state_keys: typing.ClassVar[tuple[str, ...]] = ()
+    """Tensors a single SAE of this kind stores besides saev's four."""
+
+    def encode(self, p: "SaeParams", pre_MBF: torch.Tensor, training: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def penalty(self, p: "SaeParams", pre_MBF: torch.Tensor, l1_M: torch.Tensor) -> torch.Tensor:
+        """What `sparsity_coeff` weighs (none for the kinds that keep k latents)."""
+        return torch.zeros_like(l1_M)
+
+    def init_from_batch(self, p: "SaeParams", x_MBD: torch.Tensor):
+        """Settings taken from the first (normalised) training batch."""
+
+    def observe(self, p: "SaeParams", f_MBF: torch.Tensor):
+        """Statistics kept from each training batch's latents."""
+
+    def schema5(self, cfg: SaeConfig) -> dict:
+        """saev's schema-5 `cfg.activation` (its class and parameters) for this SAE."""
+        raise ValueError(f"saev has no equivalent of a {cfg.activation} SAE")
+
+
+def saev_aux(cfg: SaeConfig) -> dict:
+    """saev's schema-5 auxiliary loss entry: AuxK, or none."""
+    if cfg.aux_k:
+        return {
+            "cls": "AuxK",
+            "params": {"key": "auxk", "k_aux": cfg.aux_k, "alpha": cfg.aux_coeff},
+        }
+    return {"cls": "NoAux", "params": {"key": "no-aux"}}
+
+
+SAEV_NO_SPARSITY = {"cls": "NoSparsity", "params": {"key": "no-sparsity"}}
+
+
+class Relu(Activation):
+    """ReLU with an L1 penalty on the latents."""
+
+    def encode(self, p, pre_MBF, training):
+        return pre_MBF.relu()
+
+    def penalty(self, p, pre_MBF, l1_M):
+        return l1_M
+
+    def schema5(self, cfg):
+        l1 = {"cls": "L1Sparsity", "params": {"key": "l1-sparsity", "coeff": cfg.sparsity_coeff}}
+        return {"cls": "Relu", "params": {"key": "relu", "sparsity": l1, "aux": saev_aux(cfg)}}
+
+
+class TopK(Activation):
+    """The k largest pre-activations per example, ReLU'd."""
+
+    def encode(self, p, pre_MBF, training):
+        return keep_topk(pre_MBF, p.k)
+
+    def schema5(self, cfg):
+        params = {"key": "top-k", "top_k": cfg.k, "sparsity": SAEV_NO_SPARSITY}
+        return {"cls": "TopK", "params": {**params, "aux": saev_aux(cfg)}}
+
+
+class BatchTopK(Activation):
+    """In training, the k x batch largest pre-activations over the batch; at inference, the
+    pre-activations above a threshold learned as the running mean of the smallest kept one."""
+
+    state_keys = ("threshold",)
+
+    def encode(self, p, pre_MBF, training):
+        if training:
+            return keep_batch_topk(pre_MBF, p.k * pre_MBF.shape[1])
+        return pre_MBF.relu() * (pre_MBF > p.threshold[:, None, None])
+
+    def observe(self, p, f_MBF):
+        """Running mean of the smallest kept activation: the per-example rule at inference."""
+        smallest_M = torch.where(f_MBF > 0, f_MBF, float("inf")).flatten(1).amin(dim=1)
+        smallest_M = torch.where(smallest_M.isfinite(), smallest_M, 0.0)
+        m = BATCHTOPK_THRESHOLD_MOMENTUM
+        ema_M = m * p.threshold + (1 - m) * smallest_M
+        p.threshold.copy_(torch.where(p.threshold == 0, smallest_M, ema_M))
+
+    def schema5(self, cfg):
+        """saev's inference rule is ours (`activation.threshold`); its momentum only trains."""
+        params = {"key": "batch-top-k", "top_k": cfg.k, "sparsity": SAEV_NO_SPARSITY}
+        return {"cls": "BatchTopK", "params": {**params, "momentum": 0.1, "aux": saev_aux(cfg)}}
+
+
+class JumpRelu(Activation):
+    """A learned threshold per latent, an L0 penalty through a straight-through estimator, and a
+    floor that keeps thresholds from pricing a latent out for good (see `JUMPRELU_*`)."""
+
+    state_keys = ("log_threshold",)
+
+    def encode(self, p, pre_MBF, training):
+        theta_M1F = p.log_threshold.exp()[:, None]
+        return JumpReluFn.apply(pre_MBF, theta_M1F, JUMPRELU_BANDWIDTH * p.pre_rms)
+
+    def penalty(self, p, pre_MBF, l1_M):
+        """L0 plus the threshold floor."""
+        theta_M1F = p.log_threshold.exp()[:, None]
+        window_M11 = JUMPRELU_BANDWIDTH * p.pre_rms
+        l0_M = StepFn.apply(pre_MBF, theta_M1F, window_M11).sum(dim=-1).mean(dim=1)
+        below_MBF = (theta_M1F - pre_MBF.detach()).relu() / p.pre_rms
+        return l0_M + JUMPRELU_FLOOR * below_MBF.sum(dim=-1).mean(dim=1)
+
+    def init_from_batch(self, p, x_MBD):
+        """Thresholds where each latent fires on `JUMPRELU_INIT_FIRING` of the batch, and the
+        pre-activations' RMS, the unit of the estimator's window and of the floor, so the L0
+        penalty moves the thresholds whatever the data's scale."""
+        pre_MBF = p.pre_acts(x_MBD[:, :4096])
+        rank = max(1, math.ceil((1 - JUMPRELU_INIT_FIRING) * pre_MBF.shape[1]))
+        theta_MF = pre_MBF.kthvalue(rank, dim=1).values.clamp_min(1e-6)
+        p.log_threshold.copy_(theta_MF.log())
+        p.pre_rms.copy_(pre_MBF.pow(2).mean(dim=(1, 2), keepdim=True).sqrt())
+
+
+class SaevTopK(Activation):
+    """saev's TopK (schema 1 from f5d892c on, and 5): the k largest pre-activations as they are,
+    no ReLU. Inference only, for checkpoints saev wrote; exported as what it is."""
+
+    def encode(self, p, pre_MBF, training):
+        return keep_topk(pre_MBF, p.k, relu=False)
+
+    schema5 = TopK.schema5
+
+
+class SaevBatchTopK(Activation):
+    """saev f5d892c's BatchTopK: the k largest pre-activations of the whole batch, as they are,
+    in eval mode too. Inference only, for checkpoints saev wrote."""
+
+    def encode(self, p, pre_MBF, training):
+        return keep_batch_topk(pre_MBF, p.k, relu=False)
+
+
+ACTIVATIONS: dict[str, type[Activation]] = {
+    "relu": Relu,
+    "topk": TopK,
+    "batchtopk": BatchTopK,
+    "jumprelu": JumpRelu,
+}
+"""The trainable kinds, by `SaeConfig.activation` (their settings: `config.KINDS`)."""
+SAEV_ENCODINGS: dict[str, type[Activation]] = {
+    "saev-topk": SaevTopK,
+    "saev-batchtopk": SaevBatchTopK,
+}
+"""Encodings of saev's own checkpoints that differ from the kind's, named by `checkpoints`."""
+
+
+class SaeParams(torch.nn.Module):
+    """Weights of M SAEs of one width: the parameters and activation both classes share.
+
+    `encoding` names one of `SAEV_ENCODINGS` instead of the kind's own, and `subtract_b_dec` off
+    makes the encoder read `x` rather than `x - b_dec`: both for checkpoints saev wrote, which
+    then compute exactly what saev computes (see `checkpoints`)."""
+
+    def __init__(
+        self, cfgs: list[SaeConfig], encoding: str | None = None, subtract_b_dec: bool = True
+    ):
         super().__init__()
         d_vit, d_sae = cfgs[0].d_vit, cfgs[0].d_sae
-        first = (d_vit, d_sae, cfgs[0].activation, cfgs[0].subtract_b_dec)
-        if any((c.d_vit, c.d_sae, c.activation, c.subtract_b_dec) != first for c in cfgs):
+        first = (d_vit, d_sae, cfgs[0].activation)
+        if any((c.d_vit, c.d_sae, c.activation) != first for c in cfgs):
             raise ValueError("a stack holds SAEs of one shape (d_vit, d_sae) and activation only")
         self.cfgs = cfgs
+        self.activation = (SAEV_ENCODINGS[encoding] if encoding else ACTIVATIONS[first[2]])()
+        self.subtract_b_dec = subtract_b_dec
         W_dec_MFD = torch.stack([init_decoder(c) for c in cfgs])
         self.W_enc = torch.nn.Parameter(W_dec_MFD.transpose(1, 2).clone())
         self.b_enc = torch.nn.Parameter(torch.zeros(len(cfgs), d_sae))
@@ -156,7 +315,6 @@ class SaeParams(torch.nn.Module):
         self.register_buffer("pre_rms", torch.ones(len(cfgs), 1, 1))
         self.register_buffer("x_mean", torch.zeros(len(cfgs), d_vit))
         self.register_buffer("x_scale", torch.ones(len(cfgs)))
-        self.kind = cfgs[0].activation
         self.register_buffer("k", torch.tensor([c.k for c in cfgs]), persistent=False)
 
     def normalize(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -168,7 +326,7 @@ class SaeParams(torch.nn.Module):
         (M, 1, F) term carries its gradient: autograd would otherwise spend a whole (B, F) x (F, D)
         product per step on d loss / d (x - b_dec), of which only the sum over the batch is used.
         SAEs loaded from saev's later layouts read x itself (`subtract_b_dec` off)."""
-        if not self.cfgs[0].subtract_b_dec:
+        if not self.subtract_b_dec:
             return torch.baddbmm(self.b_enc[:, None], x_MBD, self.W_enc)
         b_dec_M1D = self.b_dec[:, None]
         pre_MBF = torch.baddbmm(self.b_enc[:, None], x_MBD - b_dec_M1D.detach(), self.W_enc)
@@ -176,22 +334,9 @@ class SaeParams(torch.nn.Module):
             return pre_MBF
         return pre_MBF - torch.bmm(b_dec_M1D - b_dec_M1D.detach(), self.W_enc)
 
-    def activate(self, pre_MBF: torch.Tensor, batch_topk: bool) -> torch.Tensor:
-        """Latents; `batch_topk` selects batchtopk's training rule instead of its threshold."""
-        if self.kind == "relu":
-            return pre_MBF.relu()
-        if self.kind == "topk":
-            return keep_topk(pre_MBF, self.k)
-        if self.kind == "batchtopk" and batch_topk:
-            return keep_batch_topk(pre_MBF, self.k * pre_MBF.shape[1])
-        if self.kind == "saev-topk":
-            return keep_topk(pre_MBF, self.k, relu=False)
-        if self.kind == "saev-batchtopk":
-            return keep_batch_topk(pre_MBF, self.k, relu=False)
-        if self.kind == "batchtopk":
-            return pre_MBF.relu() * (pre_MBF > self.threshold[:, None, None])
-        theta_M1F = self.log_threshold.exp()[:, None]
-        return JumpReluFn.apply(pre_MBF, theta_M1F, JUMPRELU_BANDWIDTH * self.pre_rms)
+    def activate(self, pre_MBF: torch.Tensor, training: bool) -> torch.Tensor:
+        """Latents; `training` selects a kind's training rule (batchtopk's batch-wide one)."""
+        return self.activation.encode(self, pre_MBF, training)
 
     def decode(self, f_MBF: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.b_dec[:, None], f_MBF, self.W_dec)
@@ -230,10 +375,8 @@ class StackedSaes(SaeParams):
 
     @torch.no_grad()
     def init_from_batch(self, x_BD: torch.Tensor):
-        """Normalisation constants (for SAEs that normalise) and b_dec from the first batch; for
-        JumpReLU, thresholds where each latent fires on `JUMPRELU_INIT_FIRING` of the batch and
-        the pre-activations' RMS, the unit of the estimator's window and of the threshold
-        floor, so the L0 penalty moves the thresholds whatever the data's scale."""
+        """Normalisation constants (for SAEs that normalise), b_dec and the decoder (where it
+        starts from data) from the first batch, then what the activation takes from it."""
         mean_D = x_BD.mean(dim=0)
         scale = math.sqrt(x_BD.shape[1]) / (x_BD - mean_D).norm(dim=1).mean()
         for m, cfg in enumerate(self.cfgs):
@@ -246,45 +389,26 @@ class StackedSaes(SaeParams):
             if cfg.init_from_data:
                 self.W_dec[m] = data_decoder(cfg, x_MBD[m] - self.b_dec[m])
                 self.W_enc[m] = self.W_dec[m].T
-        if self.kind == "jumprelu":
-            pre_MBF = self.pre_acts(x_MBD[:, :4096])
-            rank = max(1, math.ceil((1 - JUMPRELU_INIT_FIRING) * pre_MBF.shape[1]))
-            theta_MF = pre_MBF.kthvalue(rank, dim=1).values.clamp_min(1e-6)
-            self.log_threshold.copy_(theta_MF.log())
-            self.pre_rms.copy_(pre_MBF.pow(2).mean(dim=(1, 2), keepdim=True).sqrt())
+        self.activation.init_from_batch(self, x_MBD)
 
     def loss(self, x_BD: torch.Tensor, sparsity_scale_M: torch.Tensor) -> Loss:
         """Per-SAE losses; `sparsity_scale_M` is the sparsity warm-up factor in [0, 1]."""
         x_MBD = self.normalize(x_BD)
         pre_MBF = self.pre_acts(x_MBD)
-        f_MBF = self.activate(pre_MBF, batch_topk=True)
+        f_MBF = self.activate(pre_MBF, training=True)
         x_hat_MBD = self.decode(f_MBF)
         mse_M = (x_hat_MBD - x_MBD).pow(2).mean(dim=(1, 2))
         recon_M = self.matryoshka_mse(f_MBF, x_MBD, mse_M)
         l1_M = f_MBF.sum(dim=-1).mean(dim=1)  # every activation is non-negative
         l0_M = torch.count_nonzero(f_MBF, dim=-1).float().mean(dim=1)
-        penalty_M = self.penalty(pre_MBF, l1_M)
+        penalty_M = self.activation.penalty(self, pre_MBF, l1_M)
         aux_M = self.aux_loss(pre_MBF, x_MBD - x_hat_MBD.detach())
         loss_M = recon_M + self.sparsity_coeff * sparsity_scale_M * penalty_M
         loss_M = loss_M + self.aux_coeff * aux_M
         with torch.no_grad():
             self.track_firing(f_MBF)
-            if self.kind == "batchtopk":
-                self.update_batchtopk_threshold(f_MBF)
+            self.activation.observe(self, f_MBF)
         return Loss(loss=loss_M, mse=mse_M, l0=l0_M, l1=l1_M, aux=aux_M)
-
-    def penalty(self, pre_MBF: torch.Tensor, l1_M: torch.Tensor) -> torch.Tensor:
-        """The sparsity term: L1 (relu), L0 plus the threshold floor (jumprelu) or none (the
-        top-k kinds)."""
-        if self.kind == "relu":
-            return l1_M
-        if self.kind == "jumprelu":
-            theta_M1F = self.log_threshold.exp()[:, None]
-            window_M11 = JUMPRELU_BANDWIDTH * self.pre_rms
-            l0_M = StepFn.apply(pre_MBF, theta_M1F, window_M11).sum(dim=-1).mean(dim=1)
-            below_MBF = (theta_M1F - pre_MBF.detach()).relu() / self.pre_rms
-            return l0_M + JUMPRELU_FLOOR * below_MBF.sum(dim=-1).mean(dim=1)
-        return torch.zeros_like(l1_M)
 
     def matryoshka_mse(self, f_MBF, x_MBD, mse_M) -> torch.Tensor:
         """Mean over each SAE's prefixes of the reconstruction error from only those latents."""
@@ -324,14 +448,6 @@ class StackedSaes(SaeParams):
         self.tokens_since_fired += f_MBF.shape[1]
         self.tokens_since_fired.masked_fill_(fired_MF, 0)
 
-    def update_batchtopk_threshold(self, f_MBF: torch.Tensor):
-        """Running mean of the smallest kept activation: batchtopk's per-example rule at inference."""
-        smallest_M = torch.where(f_MBF > 0, f_MBF, float("inf")).flatten(1).amin(dim=1)
-        smallest_M = torch.where(smallest_M.isfinite(), smallest_M, 0.0)
-        m = BATCHTOPK_THRESHOLD_MOMENTUM
-        ema_M = m * self.threshold + (1 - m) * smallest_M
-        self.threshold.copy_(torch.where(self.threshold == 0, smallest_M, ema_M))
-
     def dead_fraction(self) -> torch.Tensor:
         return (self.tokens_since_fired >= self.dead_tokens[:, None]).float().mean(dim=1)
 
@@ -348,19 +464,16 @@ class StackedSaes(SaeParams):
     def member(self, m: int) -> "SparseAutoencoder":
         """SAE `m` on its own, for inference and `sae.pt`."""
         single = SparseAutoencoder(self.cfgs[m])
-        keys = single_keys(single.cfg)
+        keys = single_keys(single.stack)
         single.load_state_dict({k: v[m] for k, v in stack_state(self).items() if k in keys})
         return single.to(self.b_dec.device)
 
 
-def single_keys(cfg: SaeConfig) -> set[str]:
-    """The state-dict entries a single SAE stores: saev's four, plus what its options need."""
-    keys = {"W_enc", "b_enc", "W_dec", "b_dec"}
-    if cfg.activation == "jumprelu":
-        keys.add("log_threshold")
-    if cfg.activation == "batchtopk":
-        keys.add("threshold")
-    if cfg.normalize:
+def single_keys(params: SaeParams) -> set[str]:
+    """The state-dict entries a single SAE stores: saev's four, plus what its activation and
+    options need."""
+    keys = {"W_enc", "b_enc", "W_dec", "b_dec", *params.activation.state_keys}
+    if params.cfgs[0].normalize:
         keys |= {"x_mean", "x_scale"}
     return keys
 
@@ -369,18 +482,18 @@ class SparseAutoencoder(torch.nn.Module):
     """One trained SAE for inference: `encode`, `decode` and `forward` on (B, D) inputs in the
     original activation space (normalisation, when used, is applied and undone inside)."""
 
-    def __init__(self, cfg: SaeConfig):
+    def __init__(self, cfg: SaeConfig, encoding: str | None = None, subtract_b_dec: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.stack = SaeParams([cfg])
+        self.stack = SaeParams([cfg], encoding, subtract_b_dec)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        keys = single_keys(self.cfg)
+        keys = single_keys(self.stack)
         return {name: value[0] for name, value in stack_state(self.stack).items() if name in keys}
 
     def load_state_dict(self, state: dict, strict: bool = True):
         """Copy tensors in; each must have exactly its shape (no broadcasting) and be finite."""
-        expected = single_keys(self.cfg)
+        expected = single_keys(self.stack)
         if strict and set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(
@@ -422,7 +535,7 @@ class SparseAutoencoder(torch.nn.Module):
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Latents of (..., D) inputs, e.g. (batch, D) or saev's (batch, patches, D)."""
         x_MBD = self.stack.normalize(x_BD.reshape(-1, x_BD.shape[-1]))
-        f_x_BF = self.stack.activate(self.stack.pre_acts(x_MBD), batch_topk=False)[0]
+        f_x_BF = self.stack.activate(self.stack.pre_acts(x_MBD), training=False)[0]
         return f_x_BF.reshape(*x_BD.shape[:-1], f_x_BF.shape[-1])
 
     def decode(self, f_x_BF: torch.Tensor) -> torch.Tensor:
@@ -456,15 +569,20 @@ def save(fpath: pathlib.Path, model: SparseAutoencoder, train: dict | None = Non
     """Write `sae.pt` (see `checkpoints`): saev's schema-1 header where saev can read the SAE,
     with `b_enc - b_dec @ W_enc` stored because saev's encoder does not subtract `b_dec`, and
     our configuration and `train` (the training configuration) in our own header section."""
+    if not isinstance(model.stack.activation, tuple(ACTIVATIONS.values())):
+        raise ValueError(
+            f"this SAE encodes as saev's {type(model.stack.activation).__name__}, which our "
+            "layout cannot say: export it for saev instead (`saev_core.export`)"
+        )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    cfg = dataclasses.replace(model.cfg, subtract_b_dec=True)  # as every file of ours reads
+    cfg = model.cfg
     section = {"cfg": dataclasses.asdict(cfg), "train": train}
     header = checkpoints.saev_header(cfg, section)
     if header["cls"] != "SparseAutoencoder":
         state["b_enc"] = saev_b_enc(model)
         if "threshold" in state:  # saev f5d892c's BatchTopK has no threshold tensor
             section["threshold"] = float(state.pop("threshold"))
-    elif not model.cfg.subtract_b_dec:  # our layout subtracts b_dec: undo saev's folding
+    elif not model.stack.subtract_b_dec:  # our layout subtracts b_dec: undo saev's folding
         state["b_enc"] = (
             state["b_enc"] + (state["b_dec"].double() @ state["W_enc"].double()).float()
         )
@@ -483,9 +601,7 @@ def load(fpath: pathlib.Path, device: str | torch.device = "cpu") -> SparseAutoe
     _, state = checkpoints.read(fpath)
     state = {layout.renames.get(k, k): v for k, v in state.items()}
     state |= {k: torch.tensor(v) for k, v in layout.header_tensors.items()}
-    model = SparseAutoencoder(
-        dataclasses.replace(layout.cfg, subtract_b_dec=layout.subtracts_b_dec)
-    )
+    model = SparseAutoencoder(layout.cfg, layout.encoding, layout.subtracts_b_dec)
     try:
         model.load_state_dict(state)
     except ValueError as err:
@@ -497,7 +613,7 @@ def saev_b_enc(model: SparseAutoencoder) -> torch.Tensor:
     """The encoder bias for saev's later encoders, which do not subtract b_dec first:
     `b_enc - b_dec @ W_enc`, so that they compute this SAE's pre-activations."""
     b_enc_F = model.b_enc.detach().cpu()
-    if not model.cfg.subtract_b_dec:
+    if not model.stack.subtract_b_dec:
         return b_enc_F.clone()
     b_dec_D, W_enc_DF = model.b_dec.detach().cpu(), model.W_enc.detach().cpu()
     return b_enc_F - (b_dec_D.double() @ W_enc_DF.double()).float()

@@ -99,7 +99,7 @@ def read_sweep(job: jobs.SummarizeJob) -> pl.DataFrame:
         saes[sae_id] = {
             "layer": external.layer,
             "tokens": external.tokens,
-            "activation": cfg.activation,
+            "activation": layout.encoding or cfg.activation,
             "exp_factor": cfg.exp_factor,
             "k": cfg.k or None,
             "source": f"{fpath} ({layout.name})",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core import checkpoints, export, loaders, sae, shards
+from saev_core import checkpoints, config, export, loaders, sae, shards
 
 REPO = pathlib.Path(__file__).parent.parent
 INTEROP = next(
@@ -86,7 +86,7 @@ def test_ours_write_saevs_schema1_header_and_read_back_equal(kind, tmp_path):
     model = trained_like(kind)
     sae.save(tmp_path / "sae.pt", model, train={"layer": -1})
     header = checkpoints.read_header(tmp_path / "sae.pt")
-    cls = checkpoints.SAEV_CLASSES[kind]
+    cls = config.KINDS[kind].saev_class
     reference = saev_header(cls)
     assert header["schema"] == 1 and header["cls"] == cls
     assert set(header["cfg"]) == set(reference["cfg"])  # exactly saev's fields for the class
@@ -103,8 +103,8 @@ def test_ours_write_saevs_schema1_header_and_read_back_equal(kind, tmp_path):
     torch.testing.assert_close(saev_pre, ours_pre, atol=1e-4, rtol=1e-5)
     reloaded, train = sae.load_trained(tmp_path / "sae.pt")
     assert train == {"layer": -1}
-    assert not reloaded.cfg.subtract_b_dec  # read as saev reads it
-    assert dataclasses.replace(reloaded.cfg, subtract_b_dec=True) == model.cfg
+    assert not reloaded.stack.subtract_b_dec  # read as saev reads it
+    assert reloaded.cfg == model.cfg
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode(x), model.encode(x), atol=1e-5, rtol=1e-5)
 
@@ -142,7 +142,7 @@ def test_schema5_export_reads_back_encoding_like_the_original(kind, tmp_path):
     export.main(["--sae-fpath", str(tmp_path / "sae.pt"), "--out-fpath", str(tmp_path / "out.pt")])
     header = checkpoints.read_header(tmp_path / "out.pt")
     assert header["schema"] == 5
-    assert header["cfg"]["activation"]["cls"] == checkpoints.SAEV_CLASSES[kind]
+    assert header["cfg"]["activation"]["cls"] == config.KINDS[kind].saev_class
     exported = sae.load(tmp_path / "out.pt")
     x = torch.randn(64, 64) * 3
     with torch.no_grad():

@@ -148,7 +148,7 @@ def test_jumprelu_floor_pulls_only_the_thresholds_down():
     with torch.no_grad():  # every pre-activation far from its threshold: no L0 gradient
         stack.log_threshold.fill_(math.log(50.0))
     pre = stack.pre_acts(stack.normalize(x))
-    stack.penalty(pre, torch.zeros(1)).sum().backward()
+    stack.activation.penalty(stack, pre, torch.zeros(1)).sum().backward()
     assert stack.W_enc.grad is None or (stack.W_enc.grad == 0).all()
     below_F = (pre.detach()[0] < 50.0).float().mean(dim=0)
     expected_F = sae.JUMPRELU_FLOOR * below_F / stack.pre_rms.flatten() * 50.0  # d/d log theta

@@ -82,7 +82,7 @@ def test_jumprelu_zeroes_below_its_threshold():
     with torch.no_grad():
         model.stack.log_threshold.fill_(torch.log(torch.tensor(0.5)))
     pre_MBF = torch.tensor([[[0.2, 0.49, 0.51, 2.0, -1.0, 0.0, 0.7, 0.45]]])
-    f = model.stack.activate(pre_MBF, batch_topk=True)
+    f = model.stack.activate(pre_MBF, training=True)
     expected = torch.tensor([[[0.0, 0.0, 0.51, 2.0, 0.0, 0.0, 0.7, 0.0]]])
     torch.testing.assert_close(f, expected)
 
