@@ -8,7 +8,7 @@ workflow/rules/common.smk.
 
 from snakemake.utils import min_version
 
-from saev_core import config_files
+from saev_core.planning import config_files
 
 min_version("9.0")
 

@@ -20,7 +20,8 @@ import time
 import torch
 from PIL import Image
 
-from saev_core import datasets, dump, helpers, shards, synthetic, vits
+from saev_core import datasets, helpers, shards, vits
+from saev_core.steps import dump, synthetic
 
 CKPT = "vit-b16-224"
 LAYERS = (-2, -1)

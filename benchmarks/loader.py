@@ -96,7 +96,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    helpers.keep_freed_memory()  # as `python -m saev_core.train` does
+    helpers.keep_freed_memory()  # as `python -m saev_core.steps.train` does
     n_imgs = args.mb * 2**20 // (N_TOKENS * D_VIT * 4)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,8 @@ import time
 
 import numpy as np
 
-from saev_core import dump, evaluate, shards, synthetic, train
+from saev_core import shards
+from saev_core.steps import dump, evaluate, synthetic, train
 
 N_TRAIN_IMGS, N_VAL_IMGS, IMG_PX = 1536, 256, 224
 LAYER = -2

@@ -21,7 +21,8 @@ import time
 import torch
 from random_shards import write_random_shards
 
-from saev_core import helpers, loaders, sae, topk
+from saev_core import helpers, loaders, sae
+from saev_core.steps import topk
 
 D_VIT, N_TOKENS, EXP_FACTOR, K = 384, 197, 8, 64
 

@@ -1,7 +1,7 @@
 """What does a sweep group save? One job training 8 stacked SAEs against 8 single-SAE jobs.
 
 Writes a shard directory of random activations (d_vit 384, 197 tokens), then times, in one run:
-- one `python -m saev_core.train` job with a group of 8 SAEs (expansion 8, batch 4096; four
+- one `python -m saev_core.steps.train` job with a group of 8 SAEs (expansion 8, batch 4096; four
   ReLU and four TopK variants, all one stack), and
 - 8 such jobs with one SAE each, over the same shards and the same number of steps.
 Each job is a real process, as on a cluster: it starts Python and torch, validates the shards,
@@ -53,7 +53,7 @@ def run_job(
     )
     spec_fpath = out_dpath.with_name(out_dpath.name + "-spec.json")
     spec_fpath.write_text(job.to_json())
-    argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
+    argv = [sys.executable, "-m", "saev_core.steps.train", "--spec-fpath", str(spec_fpath)]
     argv += ["--out-dpath", str(out_dpath), "--device", device]
     t0 = time.perf_counter()
     job = subprocess.run(argv, check=True, capture_output=True, text=True)

@@ -15,19 +15,19 @@ import pathlib
 
 import numpy as np
 
-from . import shards, topk
+from . import shards, topk_results
 
 TEMPLATE_FPATH = pathlib.Path(__file__).with_name("browser.html")
 
 
-def value_hist(result: topk.TopK, latent: int) -> dict:
+def value_hist(result: topk_results.TopK, latent: int) -> dict:
     """The latent's histogram of log10 values, trimmed to its non-empty span."""
     counts = result.value_hist[latent]
     nonzero = np.flatnonzero(counts)
     lo, hi = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, 0)
     return {
-        "log10_lo": float(topk.BIN_EDGES[lo]),
-        "bin_width": float(topk.BIN_EDGES[1] - topk.BIN_EDGES[0]),
+        "log10_lo": float(topk_results.BIN_EDGES[lo]),
+        "bin_width": float(topk_results.BIN_EDGES[1] - topk_results.BIN_EDGES[0]),
         "counts": counts[lo:hi].tolist(),
     }
 
@@ -67,7 +67,7 @@ def read_concepts(fpath: pathlib.Path) -> dict[int, list[dict]]:
 
 
 def page_data(
-    result: topk.TopK,
+    result: topk_results.TopK,
     summaries: list[dict],
     selection,
     *,
@@ -97,7 +97,7 @@ def page_data(
             "hist_lo": [h["log10_lo"] for h in hists],
             "hist": [h["counts"] for h in hists],
         },
-        "bin_width": float(topk.BIN_EDGES[1] - topk.BIN_EDGES[0]),
+        "bin_width": float(topk_results.BIN_EDGES[1] - topk_results.BIN_EDGES[0]),
         "latents": [{**s, "images": [page_image(im) for im in s["images"]]} for s in summaries],
         "filled": selection.filled,
         "removed": selection.removed,

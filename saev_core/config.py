@@ -1,11 +1,13 @@
-"""Typed configuration of every job, torch-free so the planner can build and check it.
+"""Typed settings, torch-free so the planner can build and check them.
 
-One frozen dataclass per concept (dataset, model, activation dump, SAE, training stream, render
-settings, sweep), each default written once, here (the schema repeats them for users; a test keeps
-the two equal). `__post_init__` rejects values that cannot work together, raising `ConfigError`
-with the field at fault; the planner prefixes the config path
-(`sweeps.tiny-synthetic.saes[1].k: 100000 exceeds d_sae 512`), so `snakemake -n` fails before any
-job starts, and each step rebuilds the same objects from its spec file.
+One frozen dataclass per concept (model, activation dump, SAE, training stream, render settings,
+external SAE, sweep, the workflow's top level) and `KINDS`, what each activation kind takes. Every
+default is written once, here: the schema repeats them for users, and a test checks each default
+of the schema against this module. Datasets stay mappings checked by `datasets` (their keys differ
+by kind). `__post_init__` rejects values that cannot work together, raising `ConfigError` with the
+field at fault; the planner prefixes the config path (`sweeps.tiny-synthetic.saes[1].k: 100000
+exceeds d_sae 512`), so `snakemake -n` fails before any job starts. The jobs (`saev_core.jobs`)
+carry these objects to the steps.
 """
 
 import dataclasses

@@ -269,8 +269,8 @@ class ShardWriter:
                 f"cannot publish {self.dpath}: {names} missing or incomplete ({len(missing)} of "
                 f"{self.metadata.n_shards} shards). Run `snakemake` again: planning finds lost "
                 "shards and redoes the dump parts that wrote them; by hand, "
-                "`python -m saev_core.dump part --spec-fpath results/specs/shards/"
-                f"{self.dpath.name}.json ...` for the parts that hold them"
+                "`python -m saev_core.steps.dump part --spec-fpath results/specs/shards/"
+                f"{self.dpath.name}/part<i>-of-<n>.json --device auto` for the parts that hold them"
             )
         if self.metadata.protocol == PROTOCOL_WITH_LABELS and not self.has_labels():
             raise ShardError(f"cannot publish: {self.dpath / LABELS_FNAME} is missing")

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from saev_core import config, dump, jobs, shards, synthetic, train
+from saev_core import config, jobs, shards
+from saev_core.steps import dump, synthetic, train
 
 N_IMGS = 40
 IMG_SIZE = 64
@@ -115,7 +116,7 @@ def trained_dpath(tmp_path_factory, shards_dpath) -> pathlib.Path:
 def render_spec_fpath(
     dpath: pathlib.Path, sae_fpath, shards_dpath, dataset_cfg: dict, render_cfg: dict, label: str
 ) -> pathlib.Path:
-    """The spec file of `python -m saev_core.render` for layer -1, written as the plan writes
+    """The spec file of `python -m saev_core.steps.render` for layer -1, written as the plan writes
     it, with `topk.npz` and `concept_candidates.csv` in `dpath`."""
     job = jobs.RenderJob(
         sae_id=pathlib.Path(sae_fpath).parent.name,

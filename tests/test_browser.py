@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import render_spec_fpath
 
-from saev_core import datasets, evaluate, render, sae, shards, topk
+from saev_core import datasets, sae, shards, topk_results
+from saev_core.steps import evaluate, render, topk
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -39,7 +40,7 @@ def rendered(shards_dpath, trained_dpath, dataset_cfg, tmp_path_factory):
     reader = shards.ShardReader(shards_dpath)
     class_names = datasets.load(dataset_cfg).classes
     evaluate.write(evaluate.evaluate(model, reader, -1, "patches", class_names), "t", tmp_path)
-    topk.save(tmp_path / "topk.npz", topk.top_k(model, reader, -1, "patches", k=4))
+    topk_results.save(tmp_path / "topk.npz", topk.top_k(model, reader, -1, "patches", k=4))
     render_cfg = {"n_latents": N_LATENTS, "seed": 0, "log10_freq_range": [-6, 0]}
     spec_fpath = render_spec_fpath(
         tmp_path, sae_fpath, shards_dpath, dataset_cfg, render_cfg, label="L-1 topk k=8 x4"
@@ -217,7 +218,7 @@ def test_unrendered_latent_shows_its_statistics(driver, rendered):
     page = rendered / "features" / "index.html"
     open_page(driver, page)
     shown = set(nav_latents(driver))
-    result = topk.load(rendered / "topk.npz")
+    result = topk_results.load(rendered / "topk.npz")
     latent = next(i for i in np.flatnonzero(result.freq > 0) if i not in shown)
     open_page(driver, page, f"#latent={latent}")
     assert heading(driver) == f"Latent {latent} (not rendered)"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core import checkpoints, config, export, loaders, sae, shards
+from saev_core import checkpoints, config, loaders, sae, shards
+from saev_core.steps import export
 
 REPO = pathlib.Path(__file__).parent.parent
 INTEROP = next(

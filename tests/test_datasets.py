@@ -8,7 +8,8 @@ import pytest
 from conftest import tiny_metadata
 from PIL import Image
 
-from saev_core import datasets, dump, shards
+from saev_core import datasets, shards
+from saev_core.steps import dump
 
 ADE_W, ADE_H = 80, 64  # wider than tall: the models' centre crop drops 8 columns each side
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core import concepts, datasets, evaluate, sae, shards
+from saev_core import concepts, datasets, sae, shards
+from saev_core.steps import evaluate
 
 
 def brute_force_ap_f1(values, positive):

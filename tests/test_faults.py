@@ -21,7 +21,9 @@ import torch
 import yaml
 from conftest import group_spec, run_snakemake, tiny_metadata, train_spec_fpath
 
-from saev_core import config_files, datasets, dump, evaluate, plan, render, sae, shards, topk, train
+from saev_core import datasets, sae, shards
+from saev_core.planning import config_files, plan
+from saev_core.steps import dump, evaluate, render, topk, train
 
 REPO = pathlib.Path(__file__).parent.parent
 TINY_CONFIG_FPATH = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
@@ -172,7 +174,7 @@ def test_yaml_syntax_errors_give_file_line_and_column(tmp_path):
     with pytest.raises(ValueError, match=r"broken.yaml:3:\d+: .*expected ',' or ']'"):
         config_files.load(config_fpath)
     check = subprocess.run(
-        [sys.executable, "-m", "saev_core.config_files", str(config_fpath)],
+        [sys.executable, "-m", "saev_core.planning.config_files", str(config_fpath)],
         capture_output=True,
         text=True,
     )
@@ -280,7 +282,7 @@ def test_a_second_job_for_a_group_refuses_and_the_first_finishes(shards_dpath, t
     spec = group_spec(n_train=256 * 1500, relu={"activation": "relu", "sparsity_coeff": 0.01})
     out_dpath, work_dpath = tmp_path / "group", tmp_path / "work"
     spec_fpath = train_spec_fpath(spec, shards_dpath, work_dpath, tmp_path / "group.json", 50)
-    argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
+    argv = [sys.executable, "-m", "saev_core.steps.train", "--spec-fpath", str(spec_fpath)]
     argv += ["--out-dpath", str(out_dpath), "--device", "cpu"]
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock_fpath = work_dpath / train.LOCK_FNAME

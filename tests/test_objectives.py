@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import group_spec
 
-from saev_core import evaluate, sae, shards, train
+from saev_core import sae, shards
 from saev_core.config import SaeConfig, TrainConfig
+from saev_core.steps import evaluate, train
 
 
 def stack_of(**cfg) -> sae.StackedSaes:

@@ -11,8 +11,10 @@ import pytest
 import yaml
 from conftest import run_snakemake
 
-from saev_core import checkpoints, config_files, jobs, plan, summarize
+from saev_core import checkpoints, jobs
 from saev_core import config as saev_config
+from saev_core.planning import config_files, plan
+from saev_core.steps import summarize
 
 REPO = pathlib.Path(__file__).parent.parent
 # The tests' own copy of the embedded default: users may edit config/experiments.yaml freely.
@@ -340,6 +342,54 @@ def wide_sweep(n_k: int) -> dict:
     sweep["saes"] = [{"activation": "topk", "k": list(range(1, n_k + 1))}]
     sweep["external_saes"] = []
     return config
+
+
+OUTPUT_FLAGS = {
+    "--out-dpath",
+    "--out-fpath",
+    "--browser-fpath",
+    "--grid-fpath",
+    "--out-csv-fpath",
+    "--out-parquet-fpath",
+    "--out-plot-fpath",
+}
+
+
+def test_every_job_command_is_its_spec_file_outputs_and_device(tmp_path):
+    """`snakemake -n -p` of the embedded default: each step reads its settings from its spec."""
+    result = dry_run(CONFIG_FPATH, tmp_path, "-p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [line for line in result.stdout.splitlines() if "python -m saev_core." in line]
+    steps = {re.search(r"python -m saev_core\.steps\.(\w+)", c)[1] for c in commands}
+    assert steps == {
+        "synthetic",
+        "dump",
+        "train",
+        "evaluate",
+        "topk",
+        "render",
+        "summarize",
+        "export",
+    }
+    for command in commands:
+        flags = set(re.findall(r"(--[a-z-]+)", command.split(" > ")[0]))
+        assert "--spec-fpath" in flags, command
+        assert flags - {"--spec-fpath", "--device"} <= OUTPUT_FLAGS, command
+        spec_fpath = re.search(r"--spec-fpath (\S+)", command)[1].strip("'")
+        assert (tmp_path / spec_fpath).is_file(), spec_fpath  # written while planning
+
+
+def test_every_rule_that_runs_a_step_takes_its_spec_through_one_helper():
+    """`step_job` gives a rule its spec input and its params (identity hash, code, device):
+    a rule that runs a step without both would rerun on the wrong things."""
+    for fpath in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for rule in re.split(r"^rule ", fpath.read_text(), flags=re.MULTILINE)[1:]:
+            if "python -m saev_core" not in rule:
+                continue
+            helper = re.search(r"spec=([A-Z]+)\.input,", rule)
+            assert helper, f"{fpath.name}: rule {rule.split(':')[0]} has no spec=<STEP>.input"
+            assert f"**{helper[1]}.params," in rule, f"{fpath.name}: rule {rule.split(':')[0]}"
+            assert "--spec-fpath {input.spec:q}" in rule
 
 
 def test_a_thousand_saes_plan_with_short_commands(tmp_path):

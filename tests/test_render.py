@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import render_spec_fpath
 
-from saev_core import browser, datasets, render, sae, shards, topk
+from saev_core import browser, datasets, sae, shards, topk_results
+from saev_core.steps import render, topk
 
 
 def page_data(html_fpath) -> dict:
@@ -122,8 +123,8 @@ def test_render_writes_what_a_user_opens(
 
 
 def run_render(tmp_path, trained_dpath, shards_dpath, dataset_cfg, result, render_cfg) -> dict:
-    """`python -m saev_core.render` on a saved top-k result; returns the page's data."""
-    topk.save(tmp_path / "topk.npz", result)
+    """`python -m saev_core.steps.render` on a saved top-k result; returns the page's data."""
+    topk_results.save(tmp_path / "topk.npz", result)
     (tmp_path / "concept_candidates.csv").write_text("")  # no class scored
     out_dpath = tmp_path / "features"
     spec_fpath = render_spec_fpath(

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import group_spec
 
-from saev_core import config, evaluate, sae, shards, train
+from saev_core import config, sae, shards
+from saev_core.steps import evaluate, train
 
 ARCHS = {
     "relu": {"activation": "relu", "sparsity_coeff": 0.01},

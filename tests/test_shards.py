@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import LAYERS, N_IMGS, tiny_metadata
 
-from saev_core import datasets, dump, jobs, loaders, shards, vits
+from saev_core import datasets, jobs, loaders, shards, vits
+from saev_core.steps import dump
 
 # One image per shard: 40 shards, so a kill lands between and inside many shard writes.
 ONE_PER_SHARD = 130
@@ -106,7 +107,7 @@ def one_per_shard_dpath(tmp_path_factory, dataset_cfg) -> pathlib.Path:
 
 
 def run_dump_cli(command: str, metadata: shards.Metadata, dataset_cfg: dict, root) -> list[str]:
-    """`python -m saev_core.dump part|publish` on a spec file written as the plan writes it."""
+    """`python -m saev_core.steps.dump part|publish` on a spec file written as the plan writes it."""
     out_dpath = str(root / metadata.hash)
     if command == "part":
         job = jobs.DumpPartJob(
@@ -116,7 +117,7 @@ def run_dump_cli(command: str, metadata: shards.Metadata, dataset_cfg: dict, roo
         job = jobs.PublishJob(metadata, dataset_cfg, out_dpath, n_workers=0)
     spec_fpath = root / f"{command}.json"
     spec_fpath.write_text(job.to_json())
-    argv = [sys.executable, "-m", "saev_core.dump", command, "--spec-fpath", str(spec_fpath)]
+    argv = [sys.executable, "-m", "saev_core.steps.dump", command, "--spec-fpath", str(spec_fpath)]
     return argv + (["--device", "cpu"] if command == "part" else [])
 
 

@@ -19,7 +19,9 @@ import torch
 import yaml
 from conftest import snakemake_argv, snakemake_env
 
-from saev_core import plan, sae, train
+from saev_core import sae
+from saev_core.planning import plan
+from saev_core.steps import train
 
 REPO = pathlib.Path(__file__).parent.parent
 KIT = os.environ.get("SAEV_SLURM_KIT")

@@ -3,7 +3,7 @@
 import polars as pl
 from PIL import Image
 
-from saev_core import summarize
+from saev_core.steps import summarize
 
 
 def test_pareto_front_keeps_only_undominated_saes():

@@ -2,7 +2,7 @@ import hashlib
 
 import numpy as np
 
-from saev_core import synthetic
+from saev_core.steps import synthetic
 
 
 def digest(dpath):

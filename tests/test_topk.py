@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core import loaders, sae, shards, topk
+from saev_core import loaders, sae, shards, topk_results
+from saev_core.steps import topk
 
 
 def brute_force(model, reader, layer):
@@ -36,25 +37,27 @@ def test_topk_equals_brute_force(shards_dpath, trained_dpath):
         assert result.freq[latent] == np.float32((values > 0).mean())
         np.testing.assert_allclose(result.mean_value[latent], values[values > 0].mean(), rtol=1e-4)
         fired_values = values[values > 0]
-        log_values = np.clip(np.log10(fired_values), topk.LOG10_MIN, topk.LOG10_MAX - 1e-9)
-        expected_hist, _ = np.histogram(log_values, bins=topk.BIN_EDGES)
+        log_values = np.clip(
+            np.log10(fired_values), topk_results.LOG10_MIN, topk_results.LOG10_MAX - 1e-9
+        )
+        expected_hist, _ = np.histogram(log_values, bins=topk_results.BIN_EDGES)
         np.testing.assert_array_equal(result.value_hist[latent], expected_hist)
         # The estimate lies in the bin of the exact percentile (the smallest value with at least
         # 99% of the values at or below it).
         exact = np.percentile(fired_values, 99, method="inverted_cdf")
-        bin_width = topk.BIN_EDGES[1] - topk.BIN_EDGES[0]
+        bin_width = topk_results.BIN_EDGES[1] - topk_results.BIN_EDGES[0]
         assert abs(np.log10(result.percentile[latent]) - np.log10(exact)) <= bin_width
 
 
 def test_percentile_estimate_interpolates_within_a_bin():
-    hist_FH = np.zeros((3, topk.N_BINS), dtype=np.int64)
+    hist_FH = np.zeros((3, topk_results.N_BINS), dtype=np.int64)
     hist_FH[0, 120] = 100  # every value in one bin: p50 is its middle
     hist_FH[1, 100], hist_FH[1, 140] = 99, 1  # p99 is the top of the lower bin
     result = topk.estimate_percentile(hist_FH, 50.0)
-    assert np.log10(result[0]) == pytest.approx(topk.BIN_EDGES[120] + 0.025, abs=1e-6)
+    assert np.log10(result[0]) == pytest.approx(topk_results.BIN_EDGES[120] + 0.025, abs=1e-6)
     assert result[2] == 0  # never fired
     assert np.log10(topk.estimate_percentile(hist_FH, 99.0)[1]) == pytest.approx(
-        topk.BIN_EDGES[101], abs=1e-6
+        topk_results.BIN_EDGES[101], abs=1e-6
     )
 
 
@@ -63,8 +66,8 @@ def test_save_and_load_round_trip(shards_dpath, trained_dpath, tmp_path):
     result = topk.top_k(
         model, shards.ShardReader(shards_dpath), -1, "patches", k=3, percentile_q=90
     )
-    topk.save(tmp_path / "topk.npz", result)
-    loaded = topk.load(tmp_path / "topk.npz")
+    topk_results.save(tmp_path / "topk.npz", result)
+    loaded = topk_results.load(tmp_path / "topk.npz")
     assert loaded.percentile_q == 90.0
     for field in ("top_values", "top_imgs", "freq", "mean_value", "percentile", "value_hist"):
         np.testing.assert_array_equal(getattr(loaded, field), getattr(result, field))

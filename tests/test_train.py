@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import group_spec, train_spec_fpath
 
-from saev_core import config, evaluate, sae, shards, tracking, train
+from saev_core import config, sae, shards, tracking
+from saev_core.steps import evaluate, train
 
 
 def test_group_training_lowers_error_from_initialisation(shards_dpath, trained_dpath):
@@ -70,7 +71,7 @@ def test_sigkill_then_rerun_ends_with_the_same_weights(shards_dpath, tmp_path):
 
     out_dpath, work_dpath = tmp_path / "killed", tmp_path / "work"
     spec_fpath = train_spec_fpath(spec, shards_dpath, work_dpath, tmp_path / "group.json", 25)
-    argv = [sys.executable, "-m", "saev_core.train", "--spec-fpath", str(spec_fpath)]
+    argv = [sys.executable, "-m", "saev_core.steps.train", "--spec-fpath", str(spec_fpath)]
     argv += ["--out-dpath", str(out_dpath), "--device", "cpu"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -11,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from saev_core import plan, vits, weights
+from saev_core import vits, weights
+from saev_core.planning import plan
 
 CONFIG_FPATH = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
 

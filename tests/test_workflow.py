@@ -223,7 +223,7 @@ def test_code_edits_rerun_exactly_the_steps_that_import_them(workdir, tmp_path):
     def add_code(text: str) -> str:
         return text + "\n\ndef _unused():\n    return 1\n"
 
-    assert dry_run_after("saev_core/render.py", add_code) == {"render_features": 7, "all": 1}
+    assert dry_run_after("saev_core/steps/render.py", add_code) == {"render_features": 7, "all": 1}
     assert dry_run_after("saev_core/browser.html", lambda t: t.replace("<h2", "<h2 class='x'")) == {
         "render_features": 7,
         "all": 1,
@@ -241,7 +241,8 @@ def test_code_edits_rerun_exactly_the_steps_that_import_them(workdir, tmp_path):
     assert dry_run_after("saev_core/sae.py", lambda t: t + "\n# a comment\n") == "nothing"
     assert (
         dry_run_after(
-            "saev_core/render.py", lambda t: t.replace('"""Render an', '"""Render, sayeth, an')
+            "saev_core/steps/render.py",
+            lambda t: t.replace('"""Render an', '"""Render, sayeth, an'),
         )
         == "nothing"
     )

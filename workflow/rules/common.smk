@@ -3,8 +3,8 @@ written to results/specs/; helpers below hand each rule its spec, inputs and par
 
 import types
 
-from saev_core import reruns
-from saev_core import plan as saev_plan
+from saev_core.planning import reruns
+from saev_core.planning import plan as saev_plan
 
 CONFIG_SOURCE = ", ".join(CONFIG_FPATHS)
 try:

@@ -13,5 +13,5 @@ rule synthetic_dataset:
     params:
         **SYNTHETIC.params,
     shell:
-        "python -m saev_core.synthetic --spec-fpath {input.spec:q} --out-dpath {output:q}"
+        "python -m saev_core.steps.synthetic --spec-fpath {input.spec:q} --out-dpath {output:q}"
         " > {log} 2>&1"

@@ -20,7 +20,7 @@ rule dump_activations:
     params:
         **DUMP.params,
     shell:
-        "python -m saev_core.dump part --spec-fpath {input.spec:q} --device {params.device}"
+        "python -m saev_core.steps.dump part --spec-fpath {input.spec:q} --device {params.device}"
         " > {log} 2>&1"
 
 
@@ -44,4 +44,4 @@ rule publish_activations:
     params:
         **PUBLISH.params,
     shell:
-        "python -m saev_core.dump publish --spec-fpath {input.spec:q} > {log} 2>&1"
+        "python -m saev_core.steps.dump publish --spec-fpath {input.spec:q} > {log} 2>&1"

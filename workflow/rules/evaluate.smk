@@ -32,7 +32,7 @@ rule evaluate_sae:
         **EVALUATE.params,
         out_dpath=lambda wc, output: os.path.dirname(output.metrics),
     shell:
-        "python -m saev_core.evaluate --spec-fpath {input.spec:q} --out-dpath {params.out_dpath:q}"
+        "python -m saev_core.steps.evaluate --spec-fpath {input.spec:q} --out-dpath {params.out_dpath:q}"
         " --device {params.device} > {log} 2>&1"
 
 
@@ -68,5 +68,5 @@ rule summarize_sweep:
     params:
         **SUMMARIZE.params,
     shell:
-        "python -m saev_core.summarize --spec-fpath {input.spec:q} --out-csv-fpath {output.csv:q}"
+        "python -m saev_core.steps.summarize --spec-fpath {input.spec:q} --out-csv-fpath {output.csv:q}"
         " --out-parquet-fpath {output.parquet:q} --out-plot-fpath {output.plot:q} > {log} 2>&1"

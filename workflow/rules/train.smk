@@ -19,7 +19,7 @@ rule train_group:
     params:
         **TRAIN.params,
     shell:
-        "python -m saev_core.train --spec-fpath {input.spec:q} --out-dpath {output:q}"
+        "python -m saev_core.steps.train --spec-fpath {input.spec:q} --out-dpath {output:q}"
         " --device {params.device} > {log} 2>&1"
 
 
@@ -40,5 +40,5 @@ rule export_saev:
     params:
         **EXPORT.params,
     shell:
-        "python -m saev_core.export --spec-fpath {input.spec:q} --out-fpath {output:q}"
+        "python -m saev_core.steps.export --spec-fpath {input.spec:q} --out-fpath {output:q}"
         " > {log} 2>&1"

@@ -16,7 +16,7 @@ rule topk_images:
     params:
         **TOPK.params,
     shell:
-        "python -m saev_core.topk --spec-fpath {input.spec:q} --out-fpath {output:q}"
+        "python -m saev_core.steps.topk --spec-fpath {input.spec:q} --out-fpath {output:q}"
         " --device {params.device} > {log} 2>&1"
 
 
@@ -56,6 +56,6 @@ rule render_features:
     params:
         **RENDER.params,
     shell:
-        "python -m saev_core.render --spec-fpath {input.spec:q}"
+        "python -m saev_core.steps.render --spec-fpath {input.spec:q}"
         " --out-dpath {output.browser_dpath:q} --browser-fpath {output.browser:q}"
         " --grid-fpath {output.grid:q} --device {params.device} > {log} 2>&1"

@@ -3,8 +3,8 @@
 Two commands, one per workflow rule, each reading its job (`saev_core.jobs`) from a spec file the
 plan writes under `results/specs/shards/<HASH>/`:
 
-    python -m saev_core.dump part --spec-fpath .../part0-of-4.json --device auto
-    python -m saev_core.dump publish --spec-fpath .../publish.json
+    python -m saev_core.steps.dump part --spec-fpath .../part0-of-4.json --device auto
+    python -m saev_core.steps.dump publish --spec-fpath .../publish.json
 
 `part` (a `DumpPartJob`) writes its disjoint range of whole shards into the job's shard
 directory (`<shards_dpath>/<metadata hash>/`), resuming
@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from . import datasets, helpers, jobs, shards, vits
+from .. import datasets, helpers, jobs, shards, vits
 
 logger = logging.getLogger("dump")
 LOG_EVERY_S = 10.0

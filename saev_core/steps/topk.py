@@ -1,6 +1,6 @@
 """Find, for every latent of an SAE, the images that activate it most (SPEC §8).
 
-Run as `python -m saev_core.topk --spec-fpath SPEC --out-fpath .../topk.npz --device auto`, the
+Run as `python -m saev_core.steps.topk --spec-fpath SPEC --out-fpath .../topk.npz --device auto`, the
 spec a `jobs.TopkJob` (the SAE, the shard directory, layer, tokens, `top_k`, percentile). One
 ordered pass; memory is
 O(d_sae * (top_k + n_bins)), never O(d_sae * top_k * n_patches): heatmaps are recomputed later for
@@ -18,35 +18,14 @@ H = histogram bins.
 import argparse
 import logging
 import pathlib
-import typing
 
 import numpy as np
 import torch
 
-from . import config, helpers, jobs, loaders, sae, shards
+from .. import config, helpers, jobs, loaders, sae, shards
+from ..topk_results import BIN_EDGES, LOG10_MAX, LOG10_MIN, N_BINS, TopK, save
 
 logger = logging.getLogger("topk")
-LOG10_MIN, LOG10_MAX, N_BINS = -6.0, 4.0, 200
-BIN_EDGES = np.linspace(LOG10_MIN, LOG10_MAX, N_BINS + 1)
-"""log10 edges of the value histogram bins."""
-
-
-class TopK(typing.NamedTuple):
-    """What the top-k pass learns about each latent."""
-
-    top_values: np.ndarray
-    """(F, K) largest per-image activation (max over the image's tokens), descending."""
-    top_imgs: np.ndarray
-    """(F, K) image index of each value; -1 where the latent never fired on that many images."""
-    freq: np.ndarray
-    """(F,) fraction of token vectors on which the latent fires."""
-    mean_value: np.ndarray
-    """(F,) mean activation over the vectors where it fires (0 if never)."""
-    percentile: np.ndarray
-    """(F,) estimate of the `percentile_q` percentile of its values when it fires (0 if never)."""
-    percentile_q: float
-    value_hist: np.ndarray
-    """(F, H) how many vectors fall in each log10 value bin (`BIN_EDGES`) when it fires."""
 
 
 @torch.no_grad()
@@ -125,20 +104,6 @@ def estimate_percentile(hist_FH: np.ndarray, q: float) -> np.ndarray:
     frac_F = np.clip((rank_F - below_F) / np.maximum(inside_F, 1), 0, 1)
     log10_F = BIN_EDGES[bin_F] + frac_F * (BIN_EDGES[1] - BIN_EDGES[0])
     return np.where(total_F > 0, 10**log10_F, 0.0).astype(np.float32)
-
-
-def save(fpath: pathlib.Path, result: TopK):
-    tmp_fpath = shards.tmp_sibling(pathlib.Path(fpath))
-    with open(tmp_fpath, "wb") as fd:
-        np.savez_compressed(fd, **result._asdict())
-    tmp_fpath.replace(fpath)
-
-
-def load(fpath: pathlib.Path) -> TopK:
-    with np.load(fpath) as data:
-        return TopK(**{field: data[field] for field in TopK._fields})._replace(
-            percentile_q=float(data["percentile_q"])
-        )
 
 
 def main(argv: list[str] | None = None):

@@ -13,10 +13,11 @@ import logging
 import os
 import pathlib
 
-from . import jobs, shards
+from .. import jobs, shards
 
 logger = logging.getLogger("reruns")
-PACKAGE_DPATH = pathlib.Path(__file__).parent
+PACKAGE_DPATH = pathlib.Path(__file__).parents[1]
+"""The `saev_core` package."""
 # Files besides Python sources that a module's behaviour depends on.
 PACKAGE_DATA = {"browser": ("browser.html",)}
 
@@ -39,25 +40,35 @@ def write_specs(specs: dict[str, jobs.Job], root: pathlib.Path = pathlib.Path(".
         logger.info("wrote %d job spec file(s)", n_written)
 
 
+def module_fpath(name: str) -> pathlib.Path:
+    """The file of `saev_core` module `name` (dotted below the package: `steps.train`)."""
+    return PACKAGE_DPATH.joinpath(*name.split(".")).with_suffix(".py")
+
+
 def imported_modules(name: str) -> set[str]:
-    """The `saev_core` modules that module `name` imports (relative or absolute), directly."""
-    tree = ast.parse((PACKAGE_DPATH / f"{name}.py").read_text())
-    found = set()
+    """The `saev_core` modules that module `name` imports (relative or absolute), directly,
+    dotted below the package (`sae`, `steps.topk`)."""
+    tree = ast.parse(module_fpath(name).read_text())
+    package = name.split(".")[:-1]
+    candidates = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+            elif (node.module or "").split(".")[0] == "saev_core":
+                base, node.module = [], node.module.removeprefix("saev_core").lstrip(".")
             else:
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("saev_core."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "saev_core":
-            found.update(alias.name for alias in node.names)
+                continue
+            prefix = [*base, *(node.module.split(".") if node.module else [])]
+            candidates.add(".".join(prefix))
+            candidates.update(".".join([*prefix, alias.name]) for alias in node.names)
         elif isinstance(node, ast.Import):
-            found.update(
-                a.name.split(".")[1] for a in node.names if a.name.startswith("saev_core.")
+            candidates.update(
+                a.name.removeprefix("saev_core.")
+                for a in node.names
+                if a.name.startswith("saev_core.")
             )
-    return {m for m in found if (PACKAGE_DPATH / f"{m}.py").exists()}
+    return {m for m in candidates if m and module_fpath(m).is_file()}
 
 
 def import_closure(name: str) -> set[str]:
@@ -74,7 +85,7 @@ def import_closure(name: str) -> set[str]:
 def code_text(name: str) -> str:
     """A module's code without comments, docstrings or formatting, plus the data files it
     reads: what decides its behaviour."""
-    tree = ast.parse((PACKAGE_DPATH / f"{name}.py").read_text())
+    tree = ast.parse(module_fpath(name).read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
@@ -85,10 +96,10 @@ def code_text(name: str) -> str:
 
 
 def code_fingerprint(step: str) -> str:
-    """Hash of the code step `step` (a `saev_core` module run with `python -m`) runs: its
-    import closure. Comments and docstrings don't count."""
+    """Hash of the code step `step` (`saev_core.steps.<step>`) runs: its import closure.
+    Comments and docstrings don't count."""
     digest = hashlib.sha256()
-    for name in sorted(import_closure(step)):
+    for name in sorted(import_closure(f"steps.{step}")):
         digest.update(f"{name}\n{code_text(name)}\n".encode())
     return digest.hexdigest()[:16]
 

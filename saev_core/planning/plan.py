@@ -14,13 +14,15 @@ import json
 import logging
 import pathlib
 
-from . import checkpoints, config, datasets, jobs, labels, shards, weights
-from .jobs import short_hash
+from .. import checkpoints, config, datasets, jobs, shards, weights
+from ..jobs import short_hash
+from . import labels
 
 logger = logging.getLogger("plan")
 RESULTS_DPATH = "results"
 SPECS_DPATH = f"{RESULTS_DPATH}/specs"
-SCHEMA_FPATH = pathlib.Path(__file__).parent.parent / "workflow/schemas/experiments.schema.yaml"
+REPO_DPATH = pathlib.Path(__file__).parents[2]
+SCHEMA_FPATH = REPO_DPATH / "workflow" / "schemas" / "experiments.schema.yaml"
 # SAEs that agree on these share one job: what decides the stream of training batches, and
 # `normalize`, which group ids have always included.
 STREAM_KEYS = ("shards", *config.STREAM_FIELDS, "normalize")

@@ -1,6 +1,6 @@
 """Gather a sweep's metrics into one table and plot L0 against normalised MSE.
 
-Run as `python -m saev_core.summarize --spec-fpath results/specs/sweeps/<sweep>/summary.json
+Run as `python -m saev_core.steps.summarize --spec-fpath results/specs/sweeps/<sweep>/summary.json
 --out-csv-fpath summary.csv --out-parquet-fpath summary.parquet --out-plot-fpath pareto.png`. The
 spec (a `jobs.SummarizeJob`) lists the sweep's SAEs with their groups, labels, `sae.pt` and
 `metrics.json` files, its external SAEs and the model; each trained SAE's configuration comes from
@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
-from . import checkpoints, jobs  # noqa: E402
+from .. import checkpoints, jobs  # noqa: E402
 
 MAX_ANNOTATED = 40
 """Above this many SAEs per (model, layer), only the Pareto frontier's points are labelled."""

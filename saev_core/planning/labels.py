@@ -7,7 +7,7 @@ steps print the same names without importing the planner.
 import collections
 import json
 
-from . import config
+from .. import config
 
 
 def format_number(value) -> str:

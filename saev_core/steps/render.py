@@ -1,6 +1,6 @@
 """Render an SAE's top images per latent as heatmap overlays and a static feature browser.
 
-Run as `python -m saev_core.render --spec-fpath SPEC --out-dpath .../features --browser-fpath
+Run as `python -m saev_core.steps.render --spec-fpath SPEC --out-dpath .../features --browser-fpath
 .../browser.html --grid-fpath .../grid.jpg --device auto`, the spec a `jobs.RenderJob`: the SAE,
 its label, its `topk.npz` and the evaluation's `concept_candidates.csv`, the training shard
 directory and dataset, the layer, and the sweep's `render` settings (`config.RenderConfig`).
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from . import browser, datasets, helpers, jobs, sae, shards, topk  # noqa: E402
+from .. import browser, datasets, helpers, jobs, sae, shards, topk_results  # noqa: E402
 
 logger = logging.getLogger("render")
 THUMB_PX = 160
@@ -64,7 +64,7 @@ def distance_outside(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def select_latents(
-    result: topk.TopK,
+    result: topk_results.TopK,
     n_latents: int,
     seed: int,
     log10_freq_range: tuple[float, float] = (-np.inf, np.inf),
@@ -163,7 +163,7 @@ def overlay(thumb: Image.Image, heat_P: np.ndarray) -> Image.Image:
 
 def render(
     model: sae.SparseAutoencoder,
-    result: topk.TopK,
+    result: topk_results.TopK,
     reader: shards.ShardReader,
     dataset: datasets.Dataset,
     layer: int,
@@ -226,11 +226,11 @@ def render(
 
 
 def plot_value_distributions(
-    result: topk.TopK, latents: list[int], out_fpath: pathlib.Path, n_shown: int = 8
+    result: topk_results.TopK, latents: list[int], out_fpath: pathlib.Path, n_shown: int = 8
 ):
     """Value histograms (log10 bins) of up to `n_shown` of the rendered latents, one line each."""
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
-    centres = (topk.BIN_EDGES[:-1] + topk.BIN_EDGES[1:]) / 2
+    centres = (topk_results.BIN_EDGES[:-1] + topk_results.BIN_EDGES[1:]) / 2
     for latent in latents[:: max(1, len(latents) // n_shown)][:n_shown]:
         ax.plot(centres, result.value_hist[latent], lw=1, label=f"latent {latent}")
     ax.set_yscale("log")
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None):
     helpers.setup_logging()
     job = jobs.RenderJob.read(args.spec_fpath)
     model = sae.load(job.sae_fpath, helpers.pick_device(args.device))
-    result = topk.load(pathlib.Path(job.topk_fpath))
+    result = topk_results.load(pathlib.Path(job.topk_fpath))
     reader = shards.ShardReader(job.shards_dpath)
     dataset = datasets.load(job.dataset)
     cfg = job.render

@@ -1,6 +1,6 @@
 """Evaluate one SAE on held-out activations (SPEC §7).
 
-Run as `python -m saev_core.evaluate --spec-fpath SPEC --out-dpath results/<sweep>/saes/<sae>
+Run as `python -m saev_core.steps.evaluate --spec-fpath SPEC --out-dpath results/<sweep>/saes/<sae>
 --device auto`, the spec a `jobs.EvaluateJob`: the SAE (any checkpoint layout, ours or saev's),
 the held-out shard directory, the layer and token kind the SAE reads, and the dataset, whose
 class names label concepts. Writes `metrics.json` (scalars, one sweep-table row), `latents.npz`
@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import concepts, datasets, helpers, jobs, loaders, sae, shards  # noqa: E402
+from .. import concepts, datasets, helpers, jobs, loaders, sae, shards  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 ALMOST_DEAD_FREQ = 1e-7

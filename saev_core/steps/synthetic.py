@@ -1,6 +1,6 @@
 """Generate the synthetic image set: planted coloured shapes and textures with per-pixel masks.
 
-The `synthetic_dataset` rule runs `python -m saev_core.synthetic --spec-fpath SPEC --out-dpath
+The `synthetic_dataset` rule runs `python -m saev_core.steps.synthetic --spec-fpath SPEC --out-dpath
 DIR` (a `jobs.SyntheticJob`: image count, size, seed); `generate` is the library form.
 Deterministic from the seed: the same settings always give the same bytes. Each image gets a
 mask whose pixel values index `CONCEPTS` (0 is background), so SAE latents can be checked
@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from . import jobs
+from .. import jobs
 
 CONCEPTS = (
     "background",

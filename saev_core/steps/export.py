@@ -1,7 +1,7 @@
 """Export an SAE of ours for today's saev (schema 5, upstream 3d73f1f).
 
-The `export_saev` rule runs `python -m saev_core.export --spec-fpath SPEC --out-fpath OUT_PT`
-(a `jobs.ExportJob`); by hand, `python -m saev_core.export --sae-fpath SAE_PT --out-fpath OUT_PT`.
+The `export_saev` rule runs `python -m saev_core.steps.export --spec-fpath SPEC --out-fpath OUT_PT`
+(a `jobs.ExportJob`); by hand, `python -m saev_core.steps.export --sae-fpath SAE_PT --out-fpath OUT_PT`.
 Our `sae.pt` files already
 load in saev f5d892c (schema 1, see `checkpoints`); this writes the layout saev's current loader
 reads: `cfg.activation` names the class and its parameters, `b_enc - b_dec @ W_enc` is stored
@@ -19,7 +19,7 @@ import pathlib
 
 import torch
 
-from . import jobs, sae, shards
+from .. import jobs, sae, shards
 
 
 def to_schema5(model: sae.SparseAutoencoder, fpath: pathlib.Path):

@@ -1,6 +1,6 @@
 """Train one sweep group: every SAE of the group is updated on the same batches.
 
-Run as `python -m saev_core.train --spec-fpath results/specs/sweeps/<sweep>/groups/<group>.json
+Run as `python -m saev_core.steps.train --spec-fpath results/specs/sweeps/<sweep>/groups/<group>.json
 --out-dpath results/<sweep>/groups/<group> --device auto`, where the spec is a
 `jobs.TrainGroupJob` (the SAEs' flat configurations, the shard directory, the work folder, the
 checkpoint interval and the W&B project). `train_group` is the library form. Writes
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from . import config, helpers, jobs, loaders, sae, shards, tracking
+from .. import config, helpers, jobs, loaders, sae, shards, tracking
 
 logger = logging.getLogger("train")
 LOCK_FNAME = "lock"
