@@ -1,7 +1,7 @@
 """One frozen dataclass per rule: everything its step reads, resolved by the planner.
 
-The planner (`saev_core.plan`) builds a job per rule and wildcard, writes it to
-`results/specs/` as JSON (`to_json`), and the rule runs `python -m saev_core.<step>
+The planner (`saev_core.planning.plan`) builds a job per rule and wildcard, writes it to
+`results/specs/` as JSON (`to_json`), and the rule runs `python -m saev_core.steps.<step>
 --spec-fpath SPEC` plus its output paths (and `--device`); the step reads the job back with
 `read` and nothing else from the command line. Reading is strict, the way
 `shards.Metadata.from_dict` is: a missing or unknown field, or a value of the wrong type, fails

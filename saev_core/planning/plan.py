@@ -366,88 +366,15 @@ def export_fpath(sweep: str, label: str) -> str:
 
 
 def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Sweep:
-    grids = {k: cfg[k] for k in ("train", "saes")}
-    settings = {k: v for k, v in cfg.items() if k not in grids}
-    render = typed(config.RenderConfig, settings.get("render", {}), f"sweeps.{name}.render")
-    externals = tuple(
-        typed(config.ExternalSaeConfig, entry, f"sweeps.{name}.external_saes[{i}]")
-        for i, entry in enumerate(settings.get("external_saes", []))
-    )
-    sweep_cfg = typed(
-        config.SweepConfig,
-        {**settings, "render": render, "external_saes": externals},
-        f"sweeps.{name}",
-    )
-    train_shards = lookup(
-        activations, sweep_cfg.train_activations, f"sweeps.{name}.train_activations"
-    )
-    eval_name = sweep_cfg.eval_activations or sweep_cfg.train_activations
-    eval_shards = lookup(activations, eval_name, f"sweeps.{name}.eval_activations")
+    """One sweep: its settings, its SAEs (id -> configuration), their groups and labels."""
+    sweep_cfg = sweep_settings(name, cfg)
+    train_shards, eval_shards = sweep_shards(name, sweep_cfg, activations, shard_jobs)
     train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
-    if (train_md.vit_family, train_md.vit_ckpt) != (eval_md.vit_family, eval_md.vit_ckpt):
-        raise PlanError(
-            f"sweeps.{name}.eval_activations: train and eval activations come from different models"
-        )
-    if train_md.d_vit != eval_md.d_vit:
-        raise PlanError(
-            f"sweeps.{name}.eval_activations: {eval_name!r} has d_vit {eval_md.d_vit}, the "
-            f"training activations {train_md.d_vit}"
-        )
-
-    saes, specs = {}, {}
-    for point, where in sweep_points(name, cfg):
-        sae_cfg = {**point, "shards": train_shards}
-        try:
-            spec = config.sae_spec(train_md.d_vit, point)
-        except config.ConfigError as err:
-            raise PlanError(
-                f"{where.get(err.field, f'sweeps.{name}')}.{err.field}: {err.message}"
-            ) from None
-        for md, which in ((train_md, "train"), (eval_md, "eval")):
-            if spec.train.layer not in md.layers:
-                raise PlanError(
-                    f"{where['layer']}.layer: layer {spec.train.layer} is not recorded by the "
-                    f"{which} activations (layers {list(md.layers)})"
-                )
-        available = n_vectors(train_md, spec.train.tokens)
-        if spec.train.batch_size > available:
-            raise PlanError(
-                f"{where['batch_size']}.batch_size: {spec.train.batch_size} exceeds the "
-                f"{available} {spec.train.tokens} vectors of the training activations"
-            )
-        sae_id = short_hash(sae_cfg)
-        saes[sae_id], specs[sae_id] = sae_cfg, spec
-
-    by_stream: dict[str, list[str]] = {}
-    for sae_id in sorted(saes):
-        stream = {k: saes[sae_id][k] for k in STREAM_KEYS}
-        by_stream.setdefault(json.dumps(stream, sort_keys=True), []).append(sae_id)
-    groups, sae_group = {}, {}
-    cap = sweep_cfg.max_saes_per_group
-    for stream_json, sae_ids in by_stream.items():
-        stream = json.loads(stream_json)
-        for lo in range(0, len(sae_ids), cap):
-            members = tuple(sae_ids[lo : lo + cap])
-            group_id = f"layer{stream['layer']}-{short_hash([stream, members])[:8]}"
-            groups[group_id] = Group(id=group_id, stream=stream, sae_ids=members)
-            sae_group.update(dict.fromkeys(members, group_id))
+    saes, specs = sweep_saes(name, cfg, train_shards, train_md, eval_md)
+    groups = sweep_groups(saes, sweep_cfg.max_saes_per_group)
     sae_labels = labels.sae_labels(saes)
-    external_ids = {}
-    for i, external in enumerate(sweep_cfg.external_saes):
-        where = f"sweeps.{name}.external_saes[{i}]"
-        for md, which in ((train_md, "train"), (eval_md, "eval")):
-            if external.layer not in md.layers:
-                raise PlanError(
-                    f"{where}.layer: layer {external.layer} is not recorded by the {which} "
-                    f"activations (layers {list(md.layers)})"
-                )
-        if external.name in sae_labels.values() or any(
-            e.name == external.name for e in external_ids.values()
-        ):
-            raise PlanError(f"{where}.name: {external.name!r} is already the label of another SAE")
-        sae_id = short_hash({**dataclasses.asdict(external), "shards": train_shards})
-        external_ids[sae_id] = external
-        sae_labels[sae_id] = external.name
+    externals = external_saes(name, sweep_cfg, train_shards, (train_md, eval_md), sae_labels)
+    sae_labels |= {sae_id: external.name for sae_id, external in externals.items()}
     return Sweep(
         name=name,
         cfg=sweep_cfg,
@@ -458,10 +385,113 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
         saes=saes,
         specs=specs,
         groups=groups,
-        sae_group=sae_group,
+        sae_group={sae_id: g.id for g in groups.values() for sae_id in g.sae_ids},
         labels=sae_labels,
-        externals=external_ids,
+        externals=externals,
     )
+
+
+def sweep_settings(name: str, cfg: dict) -> config.SweepConfig:
+    """A sweep's settings besides its `train` and `saes` grids, typed."""
+    settings = {k: v for k, v in cfg.items() if k not in ("train", "saes")}
+    render = typed(config.RenderConfig, settings.get("render", {}), f"sweeps.{name}.render")
+    externals = tuple(
+        typed(config.ExternalSaeConfig, entry, f"sweeps.{name}.external_saes[{i}]")
+        for i, entry in enumerate(settings.get("external_saes", []))
+    )
+    values = {**settings, "render": render, "external_saes": externals}
+    return typed(config.SweepConfig, values, f"sweeps.{name}")
+
+
+def sweep_shards(
+    name: str, sweep_cfg: config.SweepConfig, activations: dict, shard_jobs: dict
+) -> tuple[str, str]:
+    """The training and held-out shard hashes, checked to come from one model of one width."""
+    where = f"sweeps.{name}"
+    train_shards = lookup(activations, sweep_cfg.train_activations, f"{where}.train_activations")
+    eval_name = sweep_cfg.eval_activations or sweep_cfg.train_activations
+    eval_shards = lookup(activations, eval_name, f"{where}.eval_activations")
+    train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
+    if (train_md.vit_family, train_md.vit_ckpt) != (eval_md.vit_family, eval_md.vit_ckpt):
+        raise PlanError(
+            f"{where}.eval_activations: train and eval activations come from different models"
+        )
+    if train_md.d_vit != eval_md.d_vit:
+        raise PlanError(
+            f"{where}.eval_activations: {eval_name!r} has d_vit {eval_md.d_vit}, the "
+            f"training activations {train_md.d_vit}"
+        )
+    return train_shards, eval_shards
+
+
+def sweep_saes(
+    name: str, cfg: dict, train_shards: str, train_md: shards.Metadata, eval_md: shards.Metadata
+) -> tuple[dict[str, dict], dict[str, config.SaeSpec]]:
+    """Every grid point as an SAE: id -> flat configuration (what the id hashes), id -> typed
+    configs; each checked against the activations it reads."""
+    saes, specs = {}, {}
+    for point, where in sweep_points(name, cfg):
+        try:
+            spec = config.sae_spec(train_md.d_vit, point)
+        except config.ConfigError as err:
+            raise PlanError(
+                f"{where.get(err.field, f'sweeps.{name}')}.{err.field}: {err.message}"
+            ) from None
+        check_layer(spec.train.layer, where["layer"], train_md, eval_md)
+        available = n_vectors(train_md, spec.train.tokens)
+        if spec.train.batch_size > available:
+            raise PlanError(
+                f"{where['batch_size']}.batch_size: {spec.train.batch_size} exceeds the "
+                f"{available} {spec.train.tokens} vectors of the training activations"
+            )
+        sae_cfg = {**point, "shards": train_shards}
+        sae_id = short_hash(sae_cfg)
+        saes[sae_id], specs[sae_id] = sae_cfg, spec
+    return saes, specs
+
+
+def check_layer(layer: int, where: str, train_md: shards.Metadata, eval_md: shards.Metadata):
+    for md, which in ((train_md, "train"), (eval_md, "eval")):
+        if layer not in md.layers:
+            raise PlanError(
+                f"{where}.layer: layer {layer} is not recorded by the {which} activations "
+                f"(layers {list(md.layers)})"
+            )
+
+
+def sweep_groups(saes: dict[str, dict], cap: int) -> dict[str, Group]:
+    """SAEs that share a data stream (`STREAM_KEYS`), in groups of at most `cap`."""
+    by_stream: dict[str, list[str]] = {}
+    for sae_id in sorted(saes):
+        stream = {k: saes[sae_id][k] for k in STREAM_KEYS}
+        by_stream.setdefault(json.dumps(stream, sort_keys=True), []).append(sae_id)
+    groups = {}
+    for stream_json, sae_ids in by_stream.items():
+        stream = json.loads(stream_json)
+        for lo in range(0, len(sae_ids), cap):
+            members = tuple(sae_ids[lo : lo + cap])
+            group_id = f"layer{stream['layer']}-{short_hash([stream, members])[:8]}"
+            groups[group_id] = Group(id=group_id, stream=stream, sae_ids=members)
+    return groups
+
+
+def external_saes(
+    name: str,
+    sweep_cfg: config.SweepConfig,
+    train_shards: str,
+    metadata: tuple[shards.Metadata, shards.Metadata],
+    sae_labels: dict[str, str],
+) -> dict[str, config.ExternalSaeConfig]:
+    """Id -> each external SAE, checked for its layer and a name no other SAE has."""
+    out: dict[str, config.ExternalSaeConfig] = {}
+    for i, external in enumerate(sweep_cfg.external_saes):
+        where = f"sweeps.{name}.external_saes[{i}]"
+        check_layer(external.layer, where, *metadata)
+        taken = {*sae_labels.values(), *(e.name for e in out.values())}
+        if external.name in taken:
+            raise PlanError(f"{where}.name: {external.name!r} is already the label of another SAE")
+        out[short_hash({**dataclasses.asdict(external), "shards": train_shards})] = external
+    return out
 
 
 def validate_config(config_dct: dict):

@@ -1,5 +1,6 @@
-"""Planning: the validated config becomes one typed job per rule and wildcard (saev_core.plan),
-written to results/specs/; helpers below hand each rule its spec, inputs and params."""
+"""Planning: the validated config becomes one typed job per rule and wildcard
+(saev_core.planning.plan), written to results/specs/; helpers below hand each rule its spec,
+inputs and params."""
 
 import types
 
@@ -26,12 +27,12 @@ DEVICE = PLAN.workflow.device
 
 
 def step_job(step, spec_fpath, code=True):
-    """The spec of the job of `python -m saev_core.<step> --spec-fpath SPEC`, for its rule.
+    """The spec of the job of `python -m saev_core.steps.<step> --spec-fpath SPEC`, for its rule.
 
     `input` is the spec file, by path only (`ancient`); `params` are the hash of the job's
     identity (a changed setting reruns it, an execution setting or a rewritten equal spec does
     not), the fingerprint of the step's code (`code=False` for steps whose outputs are named by
-    their configuration and never rewritten: README, "Reruns"), and the device, derived (it
+    their configuration and never rewritten: README, "Specs and reruns"), and the device, derived (it
     takes `input`), so it is not a rerun trigger."""
     params = {
         "spec": lambda wc: PLAN.specs[spec_fpath(wc)].identity_hash(),
