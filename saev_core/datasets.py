@@ -35,12 +35,31 @@ class DatasetError(Exception):
     """A dataset's files are missing or malformed."""
 
 
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""Greyscale modes wider than 8 bits (16-bit PNGs and TIFFs): PIL's `convert("RGB")` clips them
+(a 16-bit image turns almost white), so `to_rgb` scales them instead."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB; 16-bit greyscale scaled by 255/65535, not clipped at 255."""
+    if img.mode in HIGH_DEPTH_MODES:
+        values = np.asarray(img).astype(np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{img.mode} values outside 0..65535: not a 16-bit image")
+        return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        raise ValueError("floating-point images have no fixed range to read as 8-bit RGB")
+    return img.convert("RGB")
+
+
 def open_rgb(fpath: pathlib.Path, i: int) -> Image.Image:
-    """The image at `fpath` (dataset index `i`), decoded; a broken file names both."""
+    """The image at `fpath` (dataset index `i`), decoded; a broken, oversized (decompression
+    bomb) or floating-point file names both."""
     try:
         with Image.open(fpath) as img:
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
+            return to_rgb(img)
+    except DECODE_ERRORS as err:
         raise DatasetError(f"{fpath} (dataset index {i}): cannot decode the image: {err}") from None
 
 
@@ -49,7 +68,7 @@ def open_mask(fpath: pathlib.Path, i: int) -> np.ndarray:
     try:
         with Image.open(fpath) as img:
             return np.asarray(img)
-    except (OSError, SyntaxError, ValueError) as err:
+    except DECODE_ERRORS as err:
         raise DatasetError(f"{fpath} (dataset index {i}): cannot decode the mask: {err}") from None
 
 
@@ -212,8 +231,8 @@ class ImagenetDataset(Dataset):
 
     def image(self, i: int) -> Image.Image:
         try:
-            return self.hf[i]["image"].convert("RGB")
-        except (OSError, SyntaxError, ValueError) as err:
+            return to_rgb(self.hf[i]["image"])
+        except DECODE_ERRORS as err:
             raise DatasetError(
                 f"{IMAGENET_HF_NAME} {self.split} (dataset index {i}): cannot decode the image: {err}"
             ) from None
@@ -302,6 +321,15 @@ class FolderScan(typing.NamedTuple):
     """SHA-256 over every file's path (relative to the root), size and modification time."""
 
 
+def entry_stat(dpath: pathlib.Path, entry: os.DirEntry) -> os.stat_result:
+    """A dataset file's stat; a broken link or unreadable file names itself."""
+    try:
+        return entry.stat()
+    except OSError as err:
+        what = "a broken link" if entry.is_symlink() else "unreadable"
+        raise DatasetError(f"{dpath / entry.name}: {what} ({err.strerror})") from None
+
+
 def scan_folder_dataset(cfg: dict) -> FolderScan:
     """Count an `image-folder` or `ade20k` dataset's images and fingerprint its files.
 
@@ -327,7 +355,7 @@ def scan_folder_dataset(cfg: dict) -> FolderScan:
     for dpath in folders:
         with os.scandir(dpath) as entries:
             rows = sorted(
-                (entry.name, *file_stamp(entry.stat()))
+                (entry.name, *file_stamp(entry_stat(dpath, entry)))
                 for entry in entries
                 if os.path.splitext(entry.name)[1].lower() in IMG_SUFFIXES
             )

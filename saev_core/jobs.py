@@ -191,6 +191,9 @@ class EvaluateJob(Job):
     """Metrics, latent statistics and concept recovery on held-out activations (`evaluate_sae`)."""
 
     sae_fpath: str
+    sae_sha256: str | None
+    """An external SAE file's SHA-256, so a replaced file reruns whatever its mtime; None for
+    the SAEs this workflow writes (their jobs' outputs carry their changes)."""
     shards: str
     """Hash of the held-out shard directory."""
     shards_dpath: str
@@ -207,6 +210,7 @@ class TopkJob(Job):
     (`topk_images`)."""
 
     sae_fpath: str
+    sae_sha256: str | None
     shards: str
     shards_dpath: str
     layer: int
@@ -223,6 +227,7 @@ class RenderJob(Job):
     sae_id: str
     label: str
     sae_fpath: str
+    sae_sha256: str | None
     topk_fpath: str
     concepts_fpath: str
     shards: str

@@ -373,6 +373,24 @@ class ShardReader:
             return slice(0, 1)
         raise ValueError(f"tokens must be 'patches', 'cls' or 'all', got {tokens!r}")
 
+    def check_labels(self, class_names: list[str]):
+        """Refuse, naming the file, a `labels.bin` holding a class id beyond the dataset's
+        class list (labels from another dataset, or damaged)."""
+        labels_NP = self.labels()
+        if labels_NP is None:
+            return
+        top = int(labels_NP.max())
+        if top >= len(class_names):
+            img, patch = np.unravel_index(
+                int(np.argmax(labels_NP >= len(class_names))), labels_NP.shape
+            )
+            raise ShardError(
+                f"{self.dpath / LABELS_FNAME}: class id {top} (first at image {img}, patch "
+                f"{patch}) is beyond the dataset's {len(class_names)} classes {class_names}: "
+                "the labels are damaged or from another dataset; delete the shard directory to "
+                "dump it again"
+            )
+
     def labels(self) -> np.ndarray | None:
         """Per-patch labels (n_imgs, P) when the dump recorded them."""
         fpath = self.dpath / LABELS_FNAME

@@ -33,10 +33,13 @@ def check_file(fpath: pathlib.Path, where: str):
 
 
 def file_sha256(fpath: pathlib.Path) -> str:
-    """The file's SHA-256, computed once and cached by absolute path, size and mtime."""
+    """The file's SHA-256, computed once and cached by absolute path, size, inode, mtime and
+    ctime: a file replaced by `cp -p` or `rsync -a`, which keep the mtime, still gets a new ctime
+    (no tool can set it), so it is hashed again."""
     fpath = pathlib.Path(fpath).resolve()
     st = fpath.stat()
-    key = hashlib.sha256(f"{fpath}\n{st.st_size}\n{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    stamp = f"{fpath}\n{st.st_size}\n{st.st_ino}\n{st.st_mtime_ns}\n{st.st_ctime_ns}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:20]
     cache_fpath = CACHE_DPATH / f"{key}.json"
     if cache_fpath.exists():
         return json.loads(cache_fpath.read_text())["sha256"]

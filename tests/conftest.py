@@ -122,6 +122,7 @@ def render_spec_fpath(
         sae_id=pathlib.Path(sae_fpath).parent.name,
         label=label,
         sae_fpath=str(sae_fpath),
+        sae_sha256=None,
         topk_fpath=str(dpath / "topk.npz"),
         concepts_fpath=str(dpath / "concept_candidates.csv"),
         shards=pathlib.Path(shards_dpath).name,

@@ -87,6 +87,38 @@ def test_image_folder_without_images_is_an_error(tmp_path):
         datasets.count_images({"kind": "image-folder", "root": str(tmp_path)})
 
 
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (an almost white image)."""
+    (tmp_path / "scan").mkdir()
+    values = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "scan" / "0.png")
+    with Image.open(tmp_path / "scan" / "0.png") as img:
+        assert img.mode in datasets.HIGH_DEPTH_MODES
+    dataset = datasets.load({"kind": "image-folder", "root": str(tmp_path)})
+    rgb = np.asarray(dataset[0]["image"])
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
+    expected = np.round(values / 257).astype(np.uint8)
+    np.testing.assert_array_equal(rgb[..., 0], expected)
+    np.testing.assert_array_equal(rgb[..., 2], expected)
+    assert abs(rgb.mean() - 127.5) < 1
+
+
+def test_oversized_images_and_broken_links_name_the_file(tmp_path, monkeypatch):
+    (tmp_path / "cls").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "cls" / "0.png")
+    cfg = {"kind": "image-folder", "root": str(tmp_path)}
+    dataset = datasets.load(cfg)
+    # A decompression bomb: above twice PIL's pixel limit (lowered here instead of a huge file).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(
+        datasets.DatasetError, match=r"cls/0.png \(dataset index 0\): cannot decode"
+    ):
+        dataset[0]
+    (tmp_path / "cls" / "1.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(datasets.DatasetError, match=r"cls/1.png: a broken link"):
+        datasets.scan_folder_dataset(cfg)
+
+
 def test_imagenet_without_the_extra_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(datasets.DatasetError, match=r"pip install -e '\.\[imagenet\]'"):

@@ -1,12 +1,13 @@
 """Evaluation metrics and concept recovery equal brute-force computations."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from saev_core import concepts, datasets, sae, shards
+from saev_core import concepts, datasets, jobs, sae, shards
 from saev_core.steps import evaluate
 
 
@@ -152,3 +153,36 @@ def test_shards_without_labels_give_no_concepts(shards_dpath, trained_dpath, tmp
     header = "class,name,n_patches,latent,average_precision,best_f1"
     assert (tmp_path / "concepts.csv").read_text().splitlines() == [header]
     assert (tmp_path / "concept_candidates.csv").read_text().splitlines() == [header + ",rank"]
+
+
+def test_a_class_id_beyond_the_class_list_is_refused_naming_labels_bin(
+    shards_dpath, trained_dpath, dataset_cfg, tmp_path
+):
+    """labels.bin from another dataset, or damaged: the evaluation step names the file, the id
+    and where it first appears, instead of failing inside the metric code."""
+    damaged_dpath = tmp_path / shards_dpath.name
+    shutil.copytree(shards_dpath, damaged_dpath)
+    labels_NP = np.memmap(damaged_dpath / shards.LABELS_FNAME, dtype=np.uint8, mode="r+")
+    labels_NP[70] = 200  # image 1, patch 6
+    labels_NP.flush()
+    del labels_NP
+    job = jobs.EvaluateJob(
+        sae_fpath=str(trained_dpath / "topk" / "sae.pt"),
+        sae_sha256=None,
+        shards=damaged_dpath.name,
+        shards_dpath=str(damaged_dpath),
+        layer=-1,
+        tokens="patches",
+        dataset=dataset_cfg,
+    )
+    spec_fpath = tmp_path / "evaluate.json"
+    spec_fpath.write_text(job.to_json())
+    n_classes = len(datasets.load(dataset_cfg).classes)
+    argv = ["--spec-fpath", str(spec_fpath), "--out-dpath", str(tmp_path / "out")]
+    with pytest.raises(shards.ShardError) as err:
+        evaluate.main([*argv, "--device", "cpu"])
+    assert str(err.value).startswith(
+        f"{damaged_dpath / 'labels.bin'}: class id 200 (first at image 1, patch 6) is beyond "
+        f"the dataset's {n_classes} classes"
+    )
+    assert not (tmp_path / "out").exists()

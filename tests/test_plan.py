@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import os
 import pathlib
 import re
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from conftest import run_snakemake
 
-from saev_core import checkpoints, jobs
+from saev_core import checkpoints, jobs, sae
 from saev_core import config as saev_config
 from saev_core.planning import config_files, plan
 from saev_core.steps import summarize
@@ -218,6 +219,39 @@ def test_every_spec_reads_back_as_its_job_and_a_bad_field_is_named(config, tmp_p
             jobs.TrainGroupJob.read(fpath)
 
 
+def test_a_replaced_external_sae_reruns_its_jobs_whatever_its_mtime(config, tmp_path):
+    """`cp -p` and `rsync -a` keep the old mtime: the jobs of an external SAE are identified by
+    the file's content (its SHA-256), so replacing it changes their identity."""
+    fpath = tmp_path / "external.pt"
+
+    def write_sae(seed: int):
+        cfg = saev_config.SaeConfig(d_vit=64, exp_factor=4, activation="topk", k=8, seed=seed)
+        sae.save(fpath, sae.SparseAutoencoder(cfg))
+
+    write_sae(seed=0)
+    config["sweeps"]["tiny-synthetic"]["external_saes"] = [
+        {"name": "mine", "fpath": str(fpath), "layer": -1, "tokens": "patches"}
+    ]
+
+    def external_identities() -> dict[str, str]:
+        specs = plan.make_plan(config).specs
+        return {
+            f: job.identity_hash()
+            for f, job in specs.items()
+            if getattr(job, "sae_fpath", None) == str(fpath)
+        }
+
+    before = external_identities()
+    assert len(before) == 3  # evaluate, top-k, render
+    stat = fpath.stat()
+    write_sae(seed=1)  # same size, other weights
+    os.utime(fpath, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` leaves it
+    assert fpath.stat().st_size == stat.st_size and fpath.stat().st_mtime_ns == stat.st_mtime_ns
+    after = external_identities()
+    assert after.keys() == before.keys()
+    assert all(after[f] != before[f] for f in before)
+
+
 def sweep_edit(**changes):
     """An edit of the embedded default's sweep: `saes`/`train` entry updates and sweep keys."""
 
@@ -240,6 +274,10 @@ def other_width_val(c):
 
 
 BAD_CONFIGS = {
+    "a rendered latent beyond d_sae": (
+        sweep_edit(render={"include_latents": [3, 512]}),
+        "sweeps.tiny-synthetic.render.include_latents: latent 512 does not exist in SAE ",
+    ),
     "relu with aux_k": (
         sweep_edit(saes0={"aux_k": 4}),
         "sweeps.tiny-synthetic.saes[0].aux_k: applies to topk and batchtopk, not relu",

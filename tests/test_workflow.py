@@ -184,6 +184,24 @@ def test_editing_one_value_reruns_only_its_group(workdir):
     }
 
 
+def test_execution_settings_rerun_nothing(workdir):
+    """How a job runs is not what it computes: device, the dump's batch size and workers, the
+    checkpoint interval and W&B logging are execution only (`EXECUTION` in saev_core/jobs.py)."""
+    edited = json.loads(json.dumps(CONFIG))
+    edited["device"] = "auto"
+    for activations in edited["activations"].values():
+        activations |= {"batch_size": 5, "n_workers": 1}
+    edited["sweeps"]["s"] |= {"checkpoint_every": 3, "wandb_project": "my-saes"}
+    (workdir / "experiments.yaml").write_text(yaml.safe_dump(edited))
+    try:
+        output = snakemake(workdir, "-n", "all")
+    finally:
+        (workdir / "experiments.yaml").write_text(yaml.safe_dump(CONFIG))
+    assert "Nothing to be done" in output, output[-3000:]
+    group_spec = next((workdir / "results/specs/sweeps/s/groups").iterdir())
+    assert json.loads(group_spec.read_text())["wandb_project"] == "my-saes"  # the next run's
+
+
 def copy_of(workdir: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
     """A copy of a finished run (results and Snakemake's records) to change things in."""
     work = tmp_path / "work"

@@ -7,7 +7,8 @@ a `configfile:` directive: the files given with `--configfile` (or else `config/
 read here, merged in order, with `--config` values on top.
 
 Snakemake itself parses `--configfile` files before the workflow starts and reports a syntax error
-there only as "Config file is not valid JSON or YAML"; `python -m saev_core.planning.config_files my.yaml`
+there only as "Config file is not valid JSON or YAML";
+`python -m saev_core.planning.config_files my.yaml`
 checks a file as the workflow would (syntax with line and column, duplicate keys, schema, plan).
 """
 

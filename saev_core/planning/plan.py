@@ -218,8 +218,12 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
     for sae_id in sweep.sae_ids:
         layer, tokens = sweep.layer_tokens(sae_id)
         sae_fpath, sae_dpath = sweep.sae_fpath(sae_id), f"{RESULTS_DPATH}/{name}/saes/{sae_id}"
+        sae_sha256 = None
+        if sae_id in sweep.externals and not sae_fpath.startswith(f"{RESULTS_DPATH}/exports/"):
+            sae_sha256 = weights.file_sha256(sae_fpath)
         out[sweep_spec_fpath(name, "evaluate", sae_id)] = jobs.EvaluateJob(
             sae_fpath=sae_fpath,
+            sae_sha256=sae_sha256,
             shards=eval_shards,
             shards_dpath=f"{root}/{eval_shards}",
             layer=layer,
@@ -228,6 +232,7 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
         )
         out[sweep_spec_fpath(name, "topk", sae_id)] = jobs.TopkJob(
             sae_fpath=sae_fpath,
+            sae_sha256=sae_sha256,
             shards=train_shards,
             shards_dpath=f"{root}/{train_shards}",
             layer=layer,
@@ -239,6 +244,7 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
             sae_id=sae_id,
             label=sweep.labels[sae_id],
             sae_fpath=sae_fpath,
+            sae_sha256=sae_sha256,
             topk_fpath=f"{sae_dpath}/topk.npz",
             concepts_fpath=f"{sae_dpath}/concept_candidates.csv",
             shards=train_shards,
@@ -371,6 +377,7 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
     train_shards, eval_shards = sweep_shards(name, sweep_cfg, activations, shard_jobs)
     train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
     saes, specs = sweep_saes(name, cfg, train_shards, train_md, eval_md)
+    check_include_latents(name, sweep_cfg.render, {s: spec.sae.d_sae for s, spec in specs.items()})
     groups = sweep_groups(saes, sweep_cfg.max_saes_per_group)
     sae_labels = labels.sae_labels(saes)
     externals = external_saes(name, sweep_cfg, train_shards, (train_md, eval_md), sae_labels)
@@ -448,6 +455,18 @@ def sweep_saes(
         sae_id = short_hash(sae_cfg)
         saes[sae_id], specs[sae_id] = sae_cfg, spec
     return saes, specs
+
+
+def check_include_latents(name: str, render: config.RenderConfig, d_sae: dict[str, int]):
+    """Every latent `render.include_latents` names exists in every SAE it is drawn for."""
+    if not render.include_latents or not d_sae:
+        return
+    smallest = min(d_sae, key=d_sae.get)
+    if (top := max(render.include_latents)) >= d_sae[smallest]:
+        raise PlanError(
+            f"sweeps.{name}.render.include_latents: latent {top} does not exist in SAE "
+            f"{smallest}, whose d_sae is {d_sae[smallest]} (latents 0..{d_sae[smallest] - 1})"
+        )
 
 
 def check_layer(layer: int, where: str, train_md: shards.Metadata, eval_md: shards.Metadata):
@@ -589,3 +608,4 @@ def check_external_saes(sweeps: dict[str, Sweep], shard_jobs: dict[str, ShardJob
                     f"{where}: {fpath} reads d_vit {layout.cfg.d_vit} activations, the "
                     f"sweep's are {d_vit} wide"
                 )
+            check_include_latents(name, sweep.cfg.render, {external.name: layout.cfg.d_sae})

@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None):
     sae_fpath = pathlib.Path(job.sae_fpath)
     model = sae.load(sae_fpath, helpers.pick_device(args.device))
     reader = shards.ShardReader(job.shards_dpath)
-    class_names = datasets.load(job.dataset).classes if reader.labels() is not None else None
+    class_names = None
+    if reader.labels() is not None:
+        class_names = datasets.load(job.dataset).classes
+        reader.check_labels(class_names)
     result = evaluate(model, reader, job.layer, job.tokens, class_names)
     logger.info("%s", result.metrics)
     write(result, f"SAE {sae_fpath.parent.name}", args.out_dpath)

@@ -1,10 +1,9 @@
 """Export an SAE of ours for today's saev (schema 5, upstream 3d73f1f).
 
-The `export_saev` rule runs `python -m saev_core.steps.export --spec-fpath SPEC --out-fpath OUT_PT`
-(a `jobs.ExportJob`); by hand, `python -m saev_core.steps.export --sae-fpath SAE_PT --out-fpath OUT_PT`.
-Our `sae.pt` files already
-load in saev f5d892c (schema 1, see `checkpoints`); this writes the layout saev's current loader
-reads: `cfg.activation` names the class and its parameters, `b_enc - b_dec @ W_enc` is stored
+The `export_saev` rule runs `python -m saev_core.steps.export --spec-fpath SPEC --out-fpath
+OUT_PT` (a `jobs.ExportJob`); by hand, `python -m saev_core.steps.export --sae-fpath SAE_PT
+--out-fpath OUT_PT`. Our `sae.pt` files already load in saev f5d892c (schema 1, see
+`checkpoints`); this writes the layout saev's current loader reads: `cfg.activation` names the class and its parameters, `b_enc - b_dec @ W_enc` is stored
 because saev's encoder does not subtract `b_dec`, and a BatchTopK SAE's inference threshold goes
 to `activation.threshold`. saev computes our latents from it, with one difference: its TopK keeps
 the k largest pre-activations as they are, where ours ReLUs them (the same unless some of an

@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None):
     result = topk_results.load(pathlib.Path(job.topk_fpath))
     reader = shards.ShardReader(job.shards_dpath)
     dataset = datasets.load(job.dataset)
+    reader.check_labels(dataset.classes)
     cfg = job.render
     concepts = browser.read_concepts(pathlib.Path(job.concepts_fpath))
     best_for_a_class = [f for f, found in concepts.items() if any(c["rank"] == 1 for c in found)]

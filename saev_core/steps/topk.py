@@ -1,8 +1,8 @@
 """Find, for every latent of an SAE, the images that activate it most (SPEC §8).
 
-Run as `python -m saev_core.steps.topk --spec-fpath SPEC --out-fpath .../topk.npz --device auto`, the
-spec a `jobs.TopkJob` (the SAE, the shard directory, layer, tokens, `top_k`, percentile). One
-ordered pass; memory is
+Run as `python -m saev_core.steps.topk --spec-fpath SPEC --out-fpath .../topk.npz --device
+auto`, the spec a `jobs.TopkJob` (the SAE, the shard directory, layer, tokens, `top_k`,
+percentile); the result's format is `saev_core.topk_results`. One ordered pass; memory is
 O(d_sae * (top_k + n_bins)), never O(d_sae * top_k * n_patches): heatmaps are recomputed later for
 the few images rendered.
 

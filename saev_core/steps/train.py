@@ -1,7 +1,7 @@
 """Train one sweep group: every SAE of the group is updated on the same batches.
 
-Run as `python -m saev_core.steps.train --spec-fpath results/specs/sweeps/<sweep>/groups/<group>.json
---out-dpath results/<sweep>/groups/<group> --device auto`, where the spec is a
+Run as `python -m saev_core.steps.train --spec-fpath
+results/specs/sweeps/<sweep>/groups/<group>.json --out-dpath results/<sweep>/groups/<group> --device auto`, where the spec is a
 `jobs.TrainGroupJob` (the SAEs' flat configurations, the shard directory, the work folder, the
 checkpoint interval and the W&B project). `train_group` is the library form. Writes
 `<sae id>/sae.pt` and `<sae id>/train_log.csv` for each SAE, and `group.json`.
