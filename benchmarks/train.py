@@ -25,7 +25,7 @@ import time
 
 from random_shards import write_random_shards
 
-from saev_core import jobs, shards
+from saev_core import jobs
 
 D_VIT, N_TOKENS, BATCH = 384, 197, 4096
 SAES = {
@@ -44,7 +44,6 @@ def run_job(
     job = jobs.TrainGroupJob(
         group=out_dpath.name,
         model="tiny:vit-b16-224",
-        d_vit=shards.Metadata.load(shards_dpath).d_vit,
         saes={i: {**common, **c} for i, c in saes.items()},
         shards_dpath=str(shards_dpath),
         work_dpath=str(out_dpath.with_name(out_dpath.name + "-work")),

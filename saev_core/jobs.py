@@ -171,7 +171,6 @@ class TrainGroupJob(Job):
     group: str
     model: str
     """The ViT the SAEs read, as family:checkpoint."""
-    d_vit: int
     saes: dict[str, dict]
     """SAE id -> its flat configuration: what the id hashes and `sae.pt` stores."""
     shards_dpath: str
@@ -180,10 +179,6 @@ class TrainGroupJob(Job):
     checkpoint_every: int
     wandb_project: str | None
     EXECUTION = ("shards_dpath", "work_dpath", "checkpoint_every", "wandb_project")
-
-    def specs(self) -> dict[str, config.SaeSpec]:
-        """The typed SAE and training configs of every member."""
-        return {sae_id: config.sae_spec(self.d_vit, flat) for sae_id, flat in self.saes.items()}
 
 
 @dataclasses.dataclass(frozen=True)

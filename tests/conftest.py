@@ -91,7 +91,6 @@ def train_spec_fpath(
     job = jobs.TrainGroupJob(
         group="group",
         model="tiny:vit-tiny-p8-64",
-        d_vit=tiny_metadata().d_vit,
         saes=saes,
         shards_dpath=str(shards_dpath),
         work_dpath=str(work_dpath),

@@ -75,7 +75,6 @@ class Group:
     """SAEs trained together on one data stream."""
 
     id: str
-    stream: dict
     sae_ids: tuple[str, ...]
 
 
@@ -135,9 +134,6 @@ class Plan:
     sweeps: dict[str, Sweep]
     specs: dict[str, jobs.Job]
     """Spec file path -> the job of one rule and wildcard (see `job_specs`)."""
-
-    def shards_dpath(self, shards_hash: str) -> str:
-        return f"{self.workflow.shards_dpath.rstrip('/')}/{shards_hash}"
 
 
 def dataset_spec_fpath(dataset: str) -> str:
@@ -202,13 +198,11 @@ def job_specs(
 def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict[str, jobs.Job]:
     """The training, evaluation, top-k, render, export and summary jobs of one sweep."""
     name, train_shards, eval_shards = sweep.name, sweep.train_shards, sweep.eval_shards
-    train_md = shard_jobs[train_shards].metadata
     out: dict[str, jobs.Job] = {}
     for group_id, group in sweep.groups.items():
         out[sweep_spec_fpath(name, "groups", group_id)] = jobs.TrainGroupJob(
             group=group_id,
             model=sweep.model,
-            d_vit=train_md.d_vit,
             saes={sae_id: sweep.saes[sae_id] for sae_id in group.sae_ids},
             shards_dpath=f"{root}/{train_shards}",
             work_dpath=f"{RESULTS_DPATH}/{name}/work/{group_id}",
@@ -490,7 +484,7 @@ def sweep_groups(saes: dict[str, dict], cap: int) -> dict[str, Group]:
         for lo in range(0, len(sae_ids), cap):
             members = tuple(sae_ids[lo : lo + cap])
             group_id = f"layer{stream['layer']}-{short_hash([stream, members])[:8]}"
-            groups[group_id] = Group(id=group_id, stream=stream, sae_ids=members)
+            groups[group_id] = Group(id=group_id, sae_ids=members)
     return groups
 
 

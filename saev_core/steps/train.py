@@ -317,11 +317,14 @@ def train_locked(
 
 def one_stream(saes: dict[str, config.SaeSpec]) -> config.TrainConfig:
     """The training config whose stream settings every SAE of the group shares."""
-    first, *rest = (saes[sae_id].train for sae_id in sorted(saes))
-    for train in rest:
+    first_id, *other_ids = sorted(saes)
+    first = saes[first_id].train
+    for sae_id in other_ids:
+        train = saes[sae_id].train
         if differing := [k for k in config.STREAM_FIELDS if getattr(train, k) != getattr(first, k)]:
             raise ValueError(
-                f"the SAEs of a group must share one data stream; they differ in {differing}"
+                f"the SAEs of a group must share one data stream; {first_id} and {sae_id} "
+                f"differ in {differing}"
             )
     return first
 
