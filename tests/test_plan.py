@@ -472,7 +472,7 @@ def test_summary_of_three_hundred_saes_reads_their_files(tmp_path, monkeypatch):
             *("--out-plot-fpath", str(out["p.png"])),
         ]
     )
-    df = pl.read_csv(out["s.csv"])
+    df = summarize.read_csv(out["s.csv"])
     assert len(df) == 300 and df["label"].n_unique() == 300
     assert dict(zip(df["sae"], df["label"], strict=True)) == sweep.labels
     assert (df["l0"] == df["k"]).all()

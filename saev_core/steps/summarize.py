@@ -19,6 +19,9 @@ import polars as pl  # noqa: E402
 
 from .. import checkpoints, jobs  # noqa: E402
 
+ID_COLUMNS = ("sae", "group")
+"""Hexadecimal ids: a CSV reader would take `12345678` or `1234e567` for a number."""
+
 MAX_ANNOTATED = 40
 """Above this many SAEs per (model, layer), only the Pareto frontier's points are labelled."""
 
@@ -38,6 +41,11 @@ def table(
         for sae_id in sorted(saes)
     ]
     return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def read_csv(fpath: pathlib.Path) -> pl.DataFrame:
+    """`summary.csv` with its id columns read as text, never inferred as numbers."""
+    return pl.read_csv(fpath, schema_overrides={c: pl.String for c in ID_COLUMNS})
 
 
 def pareto_front(df: pl.DataFrame) -> pl.DataFrame:
