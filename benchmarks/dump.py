@@ -54,23 +54,17 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n-imgs", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--n-workers", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    helpers.setup_logging()
-    device = helpers.pick_device(args.device)
-
+def measure(
+    n_imgs: int, batch_size: int, n_workers: int, device: torch.device
+) -> tuple[float, float]:
+    """Images/s of the bare forward pass and of the full dump, on the same images and model."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dpath = pathlib.Path(tmp)
-        dataset_cfg = write_jpegs(tmp_dpath / "images", args.n_imgs)
+        dataset_cfg = write_jpegs(tmp_dpath / "images", n_imgs)
         recorder, transform = vits.load("tiny", CKPT, list(LAYERS))
         recorder.to(device)
         images = dump.Transformed(datasets.load(dataset_cfg), transform)
-        forward_s = time_forward(recorder, images, args.batch_size, device)
+        forward_s = time_forward(recorder, images, batch_size, device)
 
         metadata = shards.Metadata(
             vit_family="tiny",
@@ -79,7 +73,7 @@ def main():
             n_patches_per_img=196,
             cls_token=True,
             d_vit=768,
-            n_imgs=args.n_imgs,
+            n_imgs=n_imgs,
             max_patches_per_shard=197 * len(LAYERS) * 32,
             data={"__class__": "image-folder", "root": dataset_cfg["root"]},
         )
@@ -90,14 +84,25 @@ def main():
             writer,
             list(range(metadata.n_shards)),
             recorder,
-            batch_size=args.batch_size,
-            n_workers=args.n_workers,
+            batch_size=batch_size,
+            n_workers=n_workers,
             device=device,
         )
         writer.publish()
         shards.ShardReader(writer.dpath)  # the result is a complete, valid directory
+    return n_imgs / forward_s, n_imgs / dump_s
 
-    forward_rate, dump_rate = args.n_imgs / forward_s, args.n_imgs / dump_s
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n-imgs", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--n-workers", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    helpers.setup_logging()
+    device = helpers.pick_device(args.device)
+    forward_rate, dump_rate = measure(args.n_imgs, args.batch_size, args.n_workers, device)
     print(f"device {device}, {args.n_imgs} images, batch {args.batch_size}")
     print(f"forward alone (preloaded tensors): {forward_rate:8.1f} img/s")
     print(f"full dump (decode+forward+write):  {dump_rate:8.1f} img/s")

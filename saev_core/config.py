@@ -224,6 +224,16 @@ class SaeSpec(typing.NamedTuple):
     train: TrainConfig
 
 
+def training_memory_bytes(spec: SaeSpec) -> tuple[int, int]:
+    """An SAE's training memory, estimated: its weights with their gradients and AdamW's two
+    moments (4 copies of 2 * d_vit * d_sae + d_sae + d_vit floats), and per batch its
+    pre-activations and latents with their gradients (4 copies of batch_size * d_sae floats)."""
+    d_vit, d_sae = spec.sae.d_vit, spec.sae.d_sae
+    state = 4 * 4 * (2 * d_vit * d_sae + d_sae + d_vit)
+    batch = 4 * 4 * spec.train.batch_size * d_sae
+    return state, batch
+
+
 def sae_spec(d_vit: int, flat: dict) -> SaeSpec:
     """The typed SAE and training configs from one flat sweep point (as `sae.pt` headers and
     group specs store it; `shards` names the training activations and is not checked here)."""
@@ -302,6 +312,8 @@ class SweepConfig:
     """Held-out activation dump to evaluate on; None: the training one."""
     max_saes_per_group: int = 16
     """Largest number of SAEs trained in one job; bigger groups are split."""
+    max_group_memory_gib: float = 64.0
+    """Planning refuses a group whose estimated training memory exceeds this; not part of any id."""
     checkpoint_every: int = 1000
     """Training steps between checkpoints of a group job (0: none); not part of any id."""
     wandb_project: str | None = None
@@ -319,6 +331,10 @@ class SweepConfig:
         if not 1 <= self.max_saes_per_group <= 1024:
             raise ConfigError(
                 "max_saes_per_group", f"must be in 1..1024, got {self.max_saes_per_group}"
+            )
+        if self.max_group_memory_gib <= 0:
+            raise ConfigError(
+                "max_group_memory_gib", f"must be positive, got {self.max_group_memory_gib}"
             )
         if self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
@@ -365,6 +381,9 @@ class ActivationsConfig:
     """DataLoader worker processes for decoding (speed only)."""
     n_parts: int = 1
     """Jobs the dump is split into (speed only: the bytes and the hash do not depend on it)."""
+    autocast_bf16: bool = False
+    """Run the ViT in bfloat16 autocast: faster on GPUs, but other activations (so another shard
+    directory: its metadata records the checkpoint as `<ckpt>@bf16`)."""
 
     def __post_init__(self):
         if len(set(self.layers)) != len(self.layers):

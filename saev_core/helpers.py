@@ -17,11 +17,25 @@ import torch
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
+TF32_ENV = "SAEV_TF32"
+"""Set to 0 to keep float32 matrix products exact on CUDA (TF32 is on by default, as in saev)."""
+
+
 def pick_device(device: str) -> torch.device:
-    """`auto` means CUDA when present, else CPU; anything else is passed to torch."""
+    """`auto` means CUDA when present, else CPU; anything else is passed to torch. On CUDA,
+    float32 matrix products and convolutions use TF32 tensor cores unless `SAEV_TF32=0`."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        use_tf32(os.environ.get(TF32_ENV, "1") != "0")
+    return torch_device
+
+
+def use_tf32(on: bool):
+    """TF32 for CUDA matrix products and cuDNN convolutions (CPU kernels are unaffected)."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
 
 
 def setup_logging():

@@ -164,6 +164,11 @@ class PublishJob(Job):
     EXECUTION = ("shards_dpath", "n_workers")
 
 
+GROUP_FNAME = "group.json"
+"""What a group's training job writes last, beside its SAEs' folders: the rule's declared output,
+so a failed rerun (Snakemake deletes declared outputs) leaves the previous `sae.pt` files."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainGroupJob(Job):
     """Train the SAEs of one sweep group on one stream of batches (`train_group`)."""

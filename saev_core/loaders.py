@@ -128,8 +128,9 @@ class ShuffledLoader:
 
     Blocks are not checked for NaN or inf as they stream: on this machine's CPU that pass cost
     ~30 % of the loader's time (`benchmarks/loader.py`). Non-finite vectors make the training loss
-    non-finite, which the training job checks every step; it then calls `find_nonfinite`, which
-    re-reads the batch's blocks with the check and names the shard file and image.
+    non-finite, which the training job reads at its logging and checkpoint interval; it then calls
+    `find_nonfinite`, which re-reads the batch's blocks with the check and names the shard file
+    and image.
     """
 
     def __init__(
@@ -283,6 +284,33 @@ class ShuffledLoader:
             carry_ND = buffer_ND[perm_N[n_full:]]
             yield buffer_ND, perm_N[:n_full], {**state, "blocks": chosen_i}
             step += n_full // B
+
+
+class ToDevice:
+    """Host batches moved to `device`. On CUDA each batch is copied into one of `n_slots` pinned
+    (page-locked) host buffers and sent with a non-blocking copy: the copy overlaps the running
+    step and the host prepares the next batch meanwhile. A buffer is reused only once its last
+    copy has finished (a CUDA event, not a device-wide sync). Elsewhere batches pass through."""
+
+    def __init__(
+        self, batches: typing.Iterable[torch.Tensor], device: torch.device, n_slots: int = 3
+    ):
+        self.batches, self.device, self.n_slots = batches, torch.device(device), n_slots
+
+    def __iter__(self) -> typing.Iterator[torch.Tensor]:
+        if self.device.type != "cuda":
+            yield from self.batches
+            return
+        slots: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        for i, x_BD in enumerate(self.batches):
+            if len(slots) < self.n_slots:
+                slots.append((torch.empty_like(x_BD, pin_memory=True), torch.cuda.Event()))
+            pinned_BD, copied = slots[i % self.n_slots]
+            copied.synchronize()  # the copy from this buffer, n_slots batches ago, is done
+            pinned_BD.copy_(x_BD)
+            x_BD = pinned_BD.to(self.device, non_blocking=True)
+            copied.record()
+            yield x_BD
 
 
 class OrderedLoader:

@@ -6,16 +6,24 @@ Shape key: S = images per shard, L = recorded layers, T = tokens per image ([CLS
 P = patch tokens per image, D = d_vit.
 """
 
+import concurrent.futures
 import dataclasses
+import glob
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import zlib
 
 import numpy as np
 
+logger = logging.getLogger("shards")
+
 PROTOCOL = "1.0.0"
 PROTOCOL_WITH_LABELS = "1.1.0"
+BF16_SUFFIX = "@bf16"
+"""Ends `vit_ckpt` of activations recorded with the ViT in bfloat16 autocast."""
 SHARDS_FNAME = "shards.json"
 METADATA_FNAME = "metadata.json"
 LABELS_FNAME = "labels.bin"
@@ -154,9 +162,88 @@ def shard_fname(shard_i: int) -> str:
     return f"acts{shard_i:06d}.bin"
 
 
+def checksums_fname(shard_i: int) -> str:
+    """Our file beside saev's shard: the CRC-32 of each written image row, little-endian uint32."""
+    return f"acts{shard_i:06d}.crc32"
+
+
+def row_checksums(rows_SX: np.ndarray) -> np.ndarray:
+    """CRC-32 of each image row (zlib's, about 6 GB/s here: cheap beside the ViT that made it)."""
+    return np.array([zlib.crc32(row) for row in rows_SX], dtype="<u4")
+
+
+def first_damaged_row(dpath: pathlib.Path, metadata: "Metadata", shard_i: int) -> int | None:
+    """The first image row of shard `shard_i` whose bytes differ from the CRC-32 written with
+    them, or None. A shard written before checksums existed (no `.crc32` file) cannot be checked
+    and passes. Reads the shard once, 64 rows at a time."""
+    crc_fpath = dpath / checksums_fname(shard_i)
+    if not crc_fpath.exists():
+        return None
+    expected = np.fromfile(crc_fpath, dtype="<u4")
+    if len(expected) != metadata.shard_n_imgs(shard_i):
+        return 0
+    row_nbytes = metadata.shard_nbytes // metadata.n_imgs_per_shard
+    with open(dpath / shard_fname(shard_i), "rb") as fd:
+        for lo in range(0, len(expected), 64):
+            n_rows = min(64, len(expected) - lo)
+            rows = np.frombuffer(fd.read(n_rows * row_nbytes), np.uint8)
+            if len(rows) != n_rows * row_nbytes:
+                return lo
+            bad = np.flatnonzero(
+                row_checksums(rows.reshape(n_rows, -1)) != expected[lo : lo + n_rows]
+            )
+            if len(bad):
+                return lo + int(bad[0])
+    return None
+
+
+def damaged_error(dpath: pathlib.Path, metadata: "Metadata", shard_i: int, row: int) -> ShardError:
+    fpath = dpath / shard_fname(shard_i)
+    return ShardError(
+        f"{fpath}: image index {shard_i * metadata.n_imgs_per_shard + row} (row {row}) does not "
+        f"match the checksum written with it ({checksums_fname(shard_i)}): the file was damaged "
+        f"after the dump. Delete it and run `snakemake` again: the dump part that wrote it runs "
+        "again (same bytes), nothing else reruns"
+    )
+
+
+def verify(dpath: pathlib.Path, n_threads: int = 2) -> list[ShardError]:
+    """Every damaged shard of a shard directory's complete shards, each as the error that names
+    it; `n_threads` shards are read at once (reads and CRC-32 release the GIL)."""
+    dpath = pathlib.Path(dpath)
+    metadata = Metadata.load(dpath)
+
+    def check(shard_i: int) -> ShardError | None:
+        fpath = dpath / shard_fname(shard_i)
+        if not fpath.exists() or fpath.stat().st_size != metadata.shard_nbytes:
+            return None  # not written yet: nothing to check
+        row = first_damaged_row(dpath, metadata, shard_i)
+        return None if row is None else damaged_error(dpath, metadata, shard_i, row)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, n_threads)) as pool:
+        return [err for err in pool.map(check, range(metadata.n_shards)) if err is not None]
+
+
 def tmp_sibling(fpath: pathlib.Path) -> pathlib.Path:
-    """A hidden temporary name next to `fpath`, unique per process so parallel jobs never share."""
-    return fpath.with_name(f".{fpath.name}.{os.getpid()}.tmp")
+    """A hidden temporary name next to `fpath`, unique per process so parallel jobs never share.
+    Leftovers of killed writers of the same file (a pid that no longer runs here) go first."""
+    fpath = pathlib.Path(fpath)
+    prefix = f".{fpath.name}."
+    for stale_fpath in fpath.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = stale_fpath.name[len(prefix) : -len(".tmp")]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale_fpath.unlink(missing_ok=True)
+    return fpath.with_name(f"{prefix}{os.getpid()}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_atomic(fpath: pathlib.Path, data: bytes, sync: bool = True):
@@ -209,29 +296,46 @@ class ShardWriter:
         fpath = self.dpath / shard_fname(shard_i)
         return fpath.exists() and fpath.stat().st_size == self.metadata.shard_nbytes
 
-    def incomplete_shards(self, shard_ids: range) -> list[int]:
-        """The shards of `shard_ids` still to (re)write."""
-        return [shard_i for shard_i in shard_ids if not self.is_complete(shard_i)]
+    def incomplete_shards(self, shard_ids: range, verify: bool = False) -> list[int]:
+        """The shards of `shard_ids` still to (re)write; with `verify`, also every complete one
+        whose bytes no longer match its checksums (one read of each)."""
+        todo = []
+        for shard_i in shard_ids:
+            if not self.is_complete(shard_i):
+                todo.append(shard_i)
+            elif (
+                verify
+                and (row := first_damaged_row(self.dpath, self.metadata, shard_i)) is not None
+            ):
+                logger.warning(
+                    "%s; writing it again", damaged_error(self.dpath, self.metadata, shard_i, row)
+                )
+                todo.append(shard_i)
+        return todo
 
     def open_shard(self, shard_i: int) -> np.memmap:
         """A zero-filled, writable (S, L, T, D) map of shard `shard_i`'s temporary file.
 
         Rows written to it go to the page cache at memcpy speed; the kernel writes them back
-        while the model runs. The file's blocks are reserved first, so a full disk stops the dump
-        here with "No space left on device" and the path, never as a SIGBUS while writing into
-        the map. Stale temporary files of this shard (a killed writer) go first.
+        while the model runs. The blocks of the rows the shard's images fill are reserved first,
+        so a full disk stops the dump here with "No space left on device" and the path, never as
+        a SIGBUS while writing into the map; the rest of the file (the unused rows of a short last
+        shard) stays sparse. Stale temporary files of this shard (a killed writer) go first.
         """
         fpath = self.dpath / shard_fname(shard_i)
         for stale_fpath in self.dpath.glob(f".{fpath.name}.*.tmp"):
             stale_fpath.unlink()
         tmp_fpath = tmp_sibling(fpath)
-        nbytes = self.metadata.shard_nbytes
+        md = self.metadata
+        nbytes, used_nbytes = (
+            md.shard_nbytes,
+            md.shard_nbytes // md.n_imgs_per_shard * md.shard_n_imgs(shard_i),
+        )
         with open(tmp_fpath, "wb") as fd:
             try:
                 if hasattr(os, "posix_fallocate"):  # not on macOS: there the file stays sparse
-                    os.posix_fallocate(fd.fileno(), 0, nbytes)
-                else:
-                    fd.truncate(nbytes)
+                    os.posix_fallocate(fd.fileno(), 0, used_nbytes)
+                fd.truncate(nbytes)
             except OSError as err:
                 fd.close()
                 tmp_fpath.unlink(missing_ok=True)
@@ -244,7 +348,11 @@ class ShardWriter:
         return np.memmap(tmp_fpath, dtype="<f4", mode="r+", shape=self.metadata.shard_shape)
 
     def finish_shard(self, shard_i: int, acts_SLTD: np.memmap):
-        """Flush a shard opened with `open_shard` to disk and give it its final name."""
+        """Write the checksums of a shard opened with `open_shard` (from the page cache), flush it
+        to disk and give it its final name: a shard never appears without its checksums."""
+        n_rows = self.metadata.shard_n_imgs(shard_i)
+        crc = row_checksums(np.asarray(acts_SLTD[:n_rows]).reshape(n_rows, -1).view(np.uint8))
+        write_atomic(self.dpath / checksums_fname(shard_i), crc.tobytes())
         acts_SLTD.flush()
         tmp_fpath = pathlib.Path(acts_SLTD.filename)
         with open(tmp_fpath, "rb+") as fd:
@@ -259,7 +367,7 @@ class ShardWriter:
         assert labels_NP.shape == (self.metadata.n_imgs, self.metadata.n_patches_per_img)
         write_atomic(self.dpath / LABELS_FNAME, labels_NP.astype(np.uint8).tobytes())
 
-    def publish(self):
+    def publish(self, n_threads: int = 2):
         """Mark the directory complete, after checking every shard; remove temporary leftovers
         of killed writers (all writers have finished when this runs)."""
         missing = self.incomplete_shards(range(self.metadata.n_shards))
@@ -274,6 +382,8 @@ class ShardWriter:
             )
         if self.metadata.protocol == PROTOCOL_WITH_LABELS and not self.has_labels():
             raise ShardError(f"cannot publish: {self.dpath / LABELS_FNAME} is missing")
+        if damaged := verify(self.dpath, n_threads):  # every byte read once, after every dump
+            raise damaged[0]
         for stale_fpath in self.dpath.glob(".*.tmp"):
             stale_fpath.unlink()
         listing = [

@@ -11,10 +11,8 @@ tokens dropped.
 Shape key: B = batch, L = recorded layers, T = tokens ([CLS] + patches), D = d_vit.
 """
 
-import dataclasses
 import logging
 import pathlib
-import re
 import socket
 import urllib.parse
 
@@ -22,7 +20,8 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torchvision import transforms
 
-from . import weights
+from . import architectures, weights
+from .architectures import TINY_ARCHS, parse_open_clip_ckpt
 
 # OpenAI CLIP's normalisation constants, used for the tiny ViT too.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,27 +33,6 @@ DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 DINOV2_IMG_SIZE = 224
 
 logger = logging.getLogger("vits")
-
-
-@dataclasses.dataclass(frozen=True)
-class TinyArch:
-    """A small ViT with random weights: its outputs say nothing about real models."""
-
-    img_size: int
-    patch_size: int
-    width: int
-    layers: int
-    heads: int
-    seed: int
-
-
-TINY_ARCHS = {
-    "vit-tiny-p8-64": TinyArch(img_size=64, patch_size=8, width=64, layers=4, heads=4, seed=0),
-    # CLIP ViT-B/16's architecture: realistic compute for benchmarks, still no download.
-    "vit-b16-224": TinyArch(img_size=224, patch_size=16, width=768, layers=12, heads=12, seed=0),
-    # DINOv2 ViT-S/14's shape: the random-weight baseline for the real-model comparison.
-    "vit-s14-224": TinyArch(img_size=224, patch_size=14, width=384, layers=12, heads=6, seed=0),
-}
 
 
 class Recorder(torch.nn.Module):
@@ -129,18 +107,6 @@ def build_tiny(ckpt: str) -> tuple[VisionTransformer, transforms.Compose]:
         ]
     )
     return vit.eval(), transform
-
-
-def parse_open_clip_ckpt(ckpt: str) -> tuple[str, str | None]:
-    """`ARCH/PRETRAINED` (e.g. `ViT-B-16/openai`) or `hf-hub:ORG/NAME` -> open_clip arguments."""
-    if ckpt.startswith("hf-hub:"):
-        return ckpt, None
-    if "/" in ckpt:
-        arch, pretrained = ckpt.split("/", 1)
-        return arch, pretrained
-    raise ValueError(
-        f"open_clip ckpt must look like 'ViT-B-16/openai' or 'hf-hub:ORG/NAME', not {ckpt!r}"
-    )
 
 
 def build_open_clip(
@@ -220,13 +186,10 @@ def build_dinov2(
 
 def dinov2_timm_name(ckpt: str) -> str:
     """`dinov2_vitb14_reg` -> `vit_base_patch14_reg4_dinov2.lvd142m`."""
-    match = re.fullmatch(r"dinov2_vit([sblg])14(_reg)?", ckpt)
-    if match is None:
-        raise ValueError(
-            f"dinov2 ckpt must look like 'dinov2_vitb14' or 'dinov2_vitb14_reg' "
-            f"(sizes s, b, l, g), not {ckpt!r}"
-        )
-    size, reg = DINOV2_SIZES[match[1]], "_reg4" if match[2] else ""
+    size, reg = (
+        DINOV2_SIZES[architectures.dinov2_size(ckpt)],
+        "_reg4" if ckpt.endswith("_reg") else "",
+    )
     return f"vit_{size}_patch14{reg}_dinov2.lvd142m"
 
 

@@ -1,13 +1,36 @@
-"""Nothing silently wrong, nothing lost: one test per fault a user meets (issue 17's table).
+"""Nothing silently wrong, nothing lost: one test per fault a user meets.
 
-Non-finite activations, images changed in place, duplicate config keys and syntax errors,
-damaged checkpoints, undecodable images, a full disk and two jobs for one group: each is rejected
-with a message that names the culprit, and nothing complete is lost.
+First battery (issue 17): non-finite activations, images changed in place, duplicate config keys
+and syntax errors, damaged checkpoints, undecodable images, a full disk and two jobs for one
+group: each is rejected with a message that names the culprit, and nothing complete is lost.
+
+Second battery (issue 22), where each case is tested:
+- a setting that only says how a job runs (device, shards_dpath, dump batch size and workers,
+  checkpoint interval, W&B project) reruns nothing: test_workflow.py
+  test_execution_settings_rerun_nothing;
+- a grown sweep trains only its new SAEs, a shrunk one nothing; stale folders are listed and
+  removed by `saev_core.planning.stale`: test_recovery.py;
+- a failed rerun keeps the previous SAEs, their evaluations and browsers, and
+  `saev_core.planning.keep` makes them the group's again: test_recovery.py;
+- a lost sae.pt is trained again alone; a lost topk.npz or metrics.json is made again:
+  test_recovery.py;
+- a kill during publish costs only the publish: test_recovery.py;
+- lost shards are re-dumped without retraining, and a dry run changes nothing on disk:
+  test_workflow.py test_lost_shards_are_redumped_without_retraining;
+- a damaged shard of the right size (zeros, one flipped bit) is named by publish and by `dump
+  verify`, and a re-dump repairs it; the short last shard stays sparse: here;
+- 16-bit and float images, decompression bombs and broken links: test_datasets.py;
+- labels.bin class ids beyond the class list: test_evaluate.py;
+- an external SAE replaced with `cp -p` reruns its jobs: test_plan.py;
+- plan-time checks (layer beyond the model's depth, checkpoint names a family cannot build,
+  include_latents beyond d_sae, a group too big for memory): test_plan.py BAD_CONFIGS;
+- temporary files of killed writers are removed by the next write: here.
 """
 
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -60,12 +83,38 @@ def test_divergence_stops_at_the_first_non_finite_loss_keeping_the_checkpoint(
     spec = group_spec(relu={"activation": "relu", "sparsity_coeff": 0.01})
     spec["relu"]["lr"] = 1e12
     out_dpath, work_dpath = tmp_path / "group", tmp_path / "work"
-    with pytest.raises(FloatingPointError, match=r"SAE relu: non-finite loss at step \d+; the "):
+    with pytest.raises(
+        FloatingPointError, match=r"SAE relu: non-finite loss or weights at step \d+; the "
+    ):
         train.train_group(
             spec, shards_dpath, out_dpath, work_dpath=work_dpath, checkpoint_every=1, device="cpu"
         )
     assert not out_dpath.exists()
     ckpt = torch.load(work_dpath / train.CHECKPOINT_FNAME, weights_only=True)
+    weights = ckpt["stacks"]["relu-x4"]["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_a_late_divergence_stops_at_the_next_check_keeping_the_last_good_checkpoint(
+    shards_dpath, tmp_path
+):
+    """The step does not read its loss back (that would make the host wait for a GPU every
+    step): a NaN loss is recorded on the device and read at the next logging or checkpoint step,
+    before anything is written. A learning rate warming up towards 1e13 diverges late (steps 13 to
+    50 for seeds 0-3 here); the checkpoint kept is the last one before the divergence."""
+    spec = group_spec(n_train=256 * 100, relu={"activation": "relu", "sparsity_coeff": 0.01})
+    spec["relu"].update(lr=1e13, warmup_steps=10**6)
+    out_dpath, work_dpath = tmp_path / "group", tmp_path / "work"
+    with pytest.raises(
+        FloatingPointError, match=r"SAE relu: non-finite loss or weights at step (\d+); the "
+    ) as err:
+        train.train_group(
+            spec, shards_dpath, out_dpath, work_dpath=work_dpath, checkpoint_every=5, device="cpu"
+        )
+    diverged = int(re.search(r"at step (\d+)", str(err.value))[1])
+    assert not out_dpath.exists()
+    ckpt = torch.load(work_dpath / train.CHECKPOINT_FNAME, weights_only=True)
+    assert diverged - 5 < ckpt["step"] <= diverged  # the last interval before the divergence
     weights = ckpt["stacks"]["relu-x4"]["model"]
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
@@ -275,6 +324,62 @@ def test_a_full_disk_says_no_space_left_and_the_dump_resumes(small_disk, dataset
         assert (resumed / fpath.name).read_bytes() == fpath.read_bytes(), fpath.name
 
 
+def zeroed_copy(shards_dpath: pathlib.Path, tmp_path: pathlib.Path, shard_i: int) -> pathlib.Path:
+    """A copy of the fixture shards whose shard `shard_i` is all zeros, at its size."""
+    copy = tmp_path / "root" / shards_dpath.name
+    shutil.copytree(shards_dpath, copy)
+    fpath = copy / shards.shard_fname(shard_i)
+    fpath.write_bytes(bytes(fpath.stat().st_size))
+    return copy
+
+
+def test_a_damaged_shard_of_the_right_size_is_named_and_a_redump_repairs_it(
+    shards_dpath, dataset_cfg, tmp_path
+):
+    damaged = zeroed_copy(shards_dpath, tmp_path, shard_i=1)
+    (err,) = shards.verify(damaged)
+    assert "acts000001.bin: image index 16 (row 0) does not match the checksum" in str(err)
+    assert "Delete it and run `snakemake` again" in str(err)
+    argv = [sys.executable, "-m", "saev_core.steps.dump", "verify", str(damaged)]
+    checked = subprocess.run(argv, capture_output=True, text=True)
+    assert checked.returncode == 1 and "acts000001.bin: image index 16" in checked.stderr
+    with pytest.raises(shards.ShardError, match="acts000001.bin: image index 16"):
+        shards.ShardWriter(damaged, tiny_metadata()).publish()
+    # What `--forcerun dump_activations` runs: the damaged shard is written again, the others kept.
+    untouched = (damaged / shards.shard_fname(0)).stat().st_ino
+    dump.dump_part(tiny_metadata(), dataset_cfg, damaged, batch_size=16, device="cpu")
+    assert (damaged / shards.shard_fname(0)).stat().st_ino == untouched
+    for shard_i in range(3):
+        fname = shards.shard_fname(shard_i)
+        assert (damaged / fname).read_bytes() == (shards_dpath / fname).read_bytes(), fname
+    assert shards.verify(damaged) == []
+    checked = subprocess.run(argv, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_one_flipped_bit_is_found(shards_dpath, tmp_path):
+    copy = tmp_path / shards_dpath.name
+    shutil.copytree(shards_dpath, copy)
+    fpath = copy / shards.shard_fname(2)
+    data = bytearray(fpath.read_bytes())
+    row_nbytes = len(data) // 16
+    data[5 * row_nbytes + 1234] ^= 0x10  # row 5 of the last shard: image 37
+    fpath.write_bytes(bytes(data))
+    (err,) = shards.verify(copy)
+    assert "acts000002.bin: image index 37 (row 5)" in str(err)
+
+
+def test_the_short_last_shard_reserves_only_the_rows_it_fills(shards_dpath):
+    """40 images at 16 per shard: the last shard holds 8 rows; its other 8 stay sparse (as in
+    saev's memory-mapped writer), while its size is the protocol's full shard size."""
+    md = shards.Metadata.load(shards_dpath)
+    last, full = (shards_dpath / shards.shard_fname(i) for i in (2, 0))
+    assert last.stat().st_size == full.stat().st_size == md.shard_nbytes
+    used_nbytes = md.shard_nbytes // 2
+    assert full.stat().st_blocks * 512 >= md.shard_nbytes
+    assert last.stat().st_blocks * 512 < used_nbytes + 64 * 1024  # one extent of slack
+
+
 def test_a_second_job_for_a_group_refuses_and_the_first_finishes(shards_dpath, tmp_path):
     """Event-driven, so it holds on a loaded machine: the first job is frozen (SIGSTOP) once it
     holds the group's lock, the second runs against it, then the first is let go."""
@@ -331,3 +436,30 @@ def test_the_suite_ignores_the_users_config(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "4 passed" in result.stdout
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """`.metrics.json.<pid>.tmp` of a writer that was killed (its pid runs no more) goes when the
+    file is next written; one of a writer still running stays."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale_fpath = tmp_path / f".metrics.json.{gone.pid}.tmp"
+    stale_fpath.write_text("{half")
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    live_fpath = tmp_path / f".metrics.json.{running.pid}.tmp"
+    live_fpath.write_text("{writing")
+    other_fpath = tmp_path / f".other.json.{gone.pid}.tmp"  # another file's: not ours to judge
+    other_fpath.write_text("{")
+    try:
+        shards.write_atomic(tmp_path / "metrics.json", b"{}")
+    finally:
+        running.kill()
+        running.wait()
+    assert not stale_fpath.exists() and live_fpath.exists()
+    live_fpath.unlink()
+    assert other_fpath.exists()
+    assert (tmp_path / "metrics.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".other.json.{gone.pid}.tmp",
+        "metrics.json",
+    ]

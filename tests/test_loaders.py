@@ -135,3 +135,11 @@ def test_resuming_from_a_state_continues_with_the_next_batch(reader, stop_after)
     got += delivered_ids(second)
     assert len(got) == len(expected)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_batches_for_the_cpu_pass_through_unchanged(reader):
+    """`ToDevice` pins and copies only for CUDA (checked by benchmarks/gpu.py on a lent GPU);
+    CPU training sees the loader's own batches, in order."""
+    batches = list(shuffled(reader, n_train=8 * 5))
+    moved = list(loaders.ToDevice(batches, "cpu"))
+    assert len(moved) == 5 and all(m is b for m, b in zip(moved, batches, strict=True))

@@ -7,7 +7,6 @@ import os
 import pathlib
 import re
 
-import polars as pl
 import pytest
 import yaml
 from conftest import run_snakemake
@@ -273,7 +272,42 @@ def other_width_val(c):
     c["activations"]["tiny-synthetic-val"]["model"] = "wide"
 
 
+def model_edit(**changes):
+    def edit(c):
+        c["models"]["tiny"].update(changes)
+
+    return edit
+
+
+def train_layers(layers):
+    def edit(c):
+        c["activations"]["tiny-synthetic-train"]["layers"] = layers
+
+    return edit
+
+
 BAD_CONFIGS = {
+    "a layer beyond the model's depth": (
+        train_layers([-2, 4]),
+        "activations.tiny-synthetic-train.layers: layer 4 does not exist in tiny vit-tiny-p8-64, "
+        "which has 4 blocks (layers -4..3, -1 the last)",
+    ),
+    "a tiny ckpt that does not exist": (
+        model_edit(ckpt="vit-tiny-p8-46"),
+        "models.tiny.ckpt: tiny ckpt must be one of ['vit-b16-224', 'vit-s14-224', 'vit-tiny-p8-64']",
+    ),
+    "a DINOv2 size that does not exist": (
+        model_edit(family="dinov2", ckpt="dinov2_vitz14"),
+        "models.tiny.ckpt: dinov2 ckpt must look like 'dinov2_vitb14'",
+    ),
+    "an open_clip architecture that does not exist": (
+        model_edit(family="clip", ckpt="ViT-B-61/openai"),
+        "models.tiny.ckpt: open_clip has no architecture 'ViT-B-61' (close: ",
+    ),
+    "a group too big to train": (
+        sweep_edit(train0={"exp_factor": 100000}),
+        "sweeps.tiny-synthetic.max_group_memory_gib: group layer-",
+    ),
     "a rendered latent beyond d_sae": (
         sweep_edit(render={"include_latents": [3, 512]}),
         "sweeps.tiny-synthetic.render.include_latents: latent 512 does not exist in SAE ",
@@ -319,6 +353,7 @@ BAD_CONFIGS = {
 
 @pytest.mark.parametrize("case", BAD_CONFIGS)
 def test_bad_configs_fail_the_dry_run_naming_the_config_path(tmp_path, case):
+    """Each refused while planning (`snakemake -n`), not once a dump or training job starts."""
     edit, expected = BAD_CONFIGS[case]
     config = yaml.safe_load(CONFIG_FPATH.read_text())
     edit(config)
@@ -477,3 +512,36 @@ def test_summary_of_three_hundred_saes_reads_their_files(tmp_path, monkeypatch):
     assert dict(zip(df["sae"], df["label"], strict=True)) == sweep.labels
     assert (df["l0"] == df["k"]).all()
     assert out["p.png"].stat().st_size > 1000
+
+
+def test_the_memory_estimate_counts_weights_optimiser_and_batch(config):
+    """A TopK SAE of d_vit 768 and d_sae 24,576 with batches of 16,384: 4 copies of 37.8M
+    parameters (weights, gradients, AdamW's moments) and 4 of the batch's 403M latents."""
+    point = {"activation": "topk", "k": 32, "exp_factor": 32, "batch_size": 16384}
+    spec = saev_config.sae_spec(768, point | {"layer": -1, "n_train": 16384, "lr": 1e-3})
+    state, batch = saev_config.training_memory_bytes(spec)
+    assert state == 16 * (2 * 768 * 24576 + 24576 + 768)
+    assert batch == 16 * 16384 * 24576
+    sweep = config["sweeps"]["tiny-synthetic"]
+    sweep["train"][0]["exp_factor"] = 100000
+    sweep.pop("external_saes")  # an export of an x8 SAE
+    with pytest.raises(plan.PlanError, match=r"needs about [\d.]+ GiB to train") as err:
+        plan.make_plan(config)
+    assert "raise max_group_memory_gib" in str(err.value)
+    sweep["max_group_memory_gib"] = 10_000
+    plan.make_plan(config)  # a bigger GPU: the same sweep plans
+
+
+def test_a_directory_given_as_an_external_sae_is_named_as_such(config, tmp_path):
+    config["sweeps"]["tiny-synthetic"]["external_saes"][0]["fpath"] = str(tmp_path)
+    with pytest.raises(plan.PlanError, match=r"external_saes\[0\].fpath: .* is a directory; give"):
+        plan.make_plan(config)
+
+
+def test_a_bf16_dump_names_another_shard_directory(config):
+    before = plan.make_plan(config).activations["tiny-synthetic-train"]
+    config["activations"]["tiny-synthetic-train"]["autocast_bf16"] = True
+    after = plan.make_plan(config)
+    shards_hash = after.activations["tiny-synthetic-train"]
+    assert shards_hash != before
+    assert after.shard_jobs[shards_hash].metadata.vit_ckpt == "vit-tiny-p8-64@bf16"

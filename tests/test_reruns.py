@@ -22,7 +22,9 @@ def test_the_layout_separates_steps_planning_and_library():
     assert STEPS == sorted(
         ["synthetic", "dump", "train", "evaluate", "topk", "render", "summarize", "export"]
     )
-    assert PLANNER == {f"planning.{m}" for m in ("plan", "labels", "reruns", "config_files")}
+    assert PLANNER == {
+        f"planning.{m}" for m in ("plan", "labels", "reruns", "config_files", "stale", "keep")
+    }
     library = [m for m in MODULES if "." not in m]
     for module in library:  # the library the steps and the planner share imports neither
         closure = reruns.import_closure(module)

@@ -143,7 +143,7 @@ def test_embedded_default_on_slurm(cluster, tmp_path):
                 assert facts["JOB_GRES"] == "(null)", (rule, facts)
 
     # Tiny steps never queue as cluster jobs (localrules).
-    assert not {"synthetic_dataset", "summarize_sweep", "all"} & set(by_rule)
+    assert not {"synthetic_dataset", "shards_published", "summarize_sweep", "all"} & set(by_rule)
 
     # The cancelled job was resubmitted, with more time (runtime "30 * attempt"), and resumed
     # from its checkpoint.

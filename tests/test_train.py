@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import group_spec, train_spec_fpath
 
-from saev_core import config, sae, shards, tracking
+from saev_core import config, helpers, sae, shards, tracking
 from saev_core.steps import evaluate, train
 
 
@@ -113,3 +113,22 @@ def test_wandb_without_the_package_is_a_clear_error(shards_dpath, tmp_path, monk
     spec = group_spec(n_train=256, a={"activation": "topk", "k": 4})
     with pytest.raises(tracking.TrackingError, match=r"pip install -e '\.\[wandb\]'"):
         train.train_group(spec, shards_dpath, tmp_path / "g", wandb_project="p")
+
+
+def test_cuda_jobs_use_tf32_unless_turned_off(monkeypatch):
+    """Picking a CUDA device turns TF32 on for matrix products and convolutions (saev does too);
+    SAEV_TF32=0 keeps them exact; CPU jobs leave the flags alone. No GPU needed: the flags are
+    torch's global switches, read when a CUDA kernel runs."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        helpers.use_tf32(False)
+        assert helpers.pick_device("cpu").type == "cpu"
+        assert not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.delenv(helpers.TF32_ENV, raising=False)
+        assert helpers.pick_device("cuda").type == "cuda"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        monkeypatch.setenv(helpers.TF32_ENV, "0")
+        helpers.pick_device("cuda")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

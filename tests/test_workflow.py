@@ -127,6 +127,7 @@ def test_run_leaves_what_users_open(workdir):
         n_parts = CONFIG["activations"]["train" if len(listing) == 3 else "val"].get("n_parts", 1)
         markers = {f".dump-part{p}-of-{n_parts}.done" for p in range(n_parts)}
         expected = {"metadata.json", "shards.json", "labels.bin"} | {e["name"] for e in listing}
+        expected |= {e["name"].replace(".bin", ".crc32") for e in listing}  # our checksums
         assert {p.name for p in dpath.iterdir()} == expected | markers  # no temporary leftovers
 
     checkpoints = sorted(results.glob("s/groups/*/*/sae.pt"))
@@ -280,13 +281,19 @@ def test_lost_shards_are_redumped_without_retraining(workdir, tmp_path, lost):
     before = file_digests(train_dpath)
     if lost == "directory":  # a scratch purge
         shutil.rmtree(train_dpath)
-        expected = {"dump_activations": 2, "publish_activations": 1}
+        expected = {"dump_activations": 2, "publish_activations": 1, "shards_published": 1}
+        counts = job_counts(snakemake(work, "-n", "all"))
+        assert {k: v for k, v in counts.items() if k != "all"} == expected
     else:  # part 1 of 2 wrote shards 1 and 2
         (train_dpath / "acts000001.bin").unlink()
-        expected = {"dump_activations": 1, "publish_activations": 1}
-    counts = job_counts(snakemake(work, "-n", "all"))
+        expected = {"dump_activations": 1, "publish_activations": 1, "shards_published": 1}
+        # A dry run says what a real run redoes, and changes nothing on disk.
+        listing = sorted(p.name for p in train_dpath.iterdir())
+        dry = snakemake(work, "-n", "all")
+        assert "acts000001.bin missing or incomplete; a real run (not a dry run) redoes" in dry
+        assert sorted(p.name for p in train_dpath.iterdir()) == listing
+    counts = job_counts(snakemake(work, "all"))  # planning heals, then the jobs run
     assert {k: v for k, v in counts.items() if k != "all"} == expected
-    snakemake(work, "all")
     assert file_digests(train_dpath) == before  # same bytes, so the same name
     assert "Nothing to be done" in snakemake(work, "-n", "all")
 

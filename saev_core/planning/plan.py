@@ -14,7 +14,7 @@ import json
 import logging
 import pathlib
 
-from .. import checkpoints, config, datasets, jobs, shards, weights
+from .. import architectures, checkpoints, config, datasets, jobs, shards, weights
 from ..jobs import short_hash
 from . import labels
 
@@ -75,7 +75,23 @@ class Group:
     """SAEs trained together on one data stream."""
 
     id: str
-    sae_ids: tuple[str, ...]
+    saes: dict[str, dict]
+    """SAE id -> flat configuration. A group kept from an earlier run (`sweep_groups`) keeps
+    every member it was trained with, also those the config no longer lists."""
+
+    @property
+    def sae_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(self.saes))
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedGroup:
+    """A group an earlier run planned (its spec file) and trained SAEs of (files on disk)."""
+
+    saes: dict[str, dict]
+    """Its members as its spec recorded them."""
+    trained: frozenset[str]
+    """The members whose `sae.pt` is in the group's folder."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +131,7 @@ class Sweep:
     def sae_fpath(self, sae_id: str) -> str:
         if sae_id in self.externals:
             return self.externals[sae_id].fpath
-        return f"{RESULTS_DPATH}/{self.name}/groups/{self.sae_group[sae_id]}/{sae_id}/sae.pt"
+        return f"{group_dpath(self.name, self.sae_group[sae_id])}/{sae_id}/sae.pt"
 
     @property
     def slugs(self) -> dict[str, str]:
@@ -203,7 +219,7 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
         out[sweep_spec_fpath(name, "groups", group_id)] = jobs.TrainGroupJob(
             group=group_id,
             model=sweep.model,
-            saes={sae_id: sweep.saes[sae_id] for sae_id in group.sae_ids},
+            saes=group.saes,
             shards_dpath=f"{root}/{train_shards}",
             work_dpath=f"{RESULTS_DPATH}/{name}/work/{group_id}",
             checkpoint_every=sweep.cfg.checkpoint_every,
@@ -303,6 +319,7 @@ def shard_metadata(
     where = f"activations.{spec_name}"
     model_cfg = lookup(models, spec.model, f"{where}.model")
     model = typed(config.ModelConfig, model_cfg, f"models.{spec.model}")
+    check_architecture(spec_name, spec, model, f"models.{spec.model}")
     dataset_cfg = lookup(dataset_cfgs, spec.dataset, f"{where}.dataset")
     data = {k: v for k, v in dataset_cfg.items() if k not in ("kind", "root")}
     if dataset_cfg["kind"] != "synthetic":
@@ -315,6 +332,8 @@ def shard_metadata(
         except weights.WeightsFileError as err:
             raise PlanError(str(err)) from None
         vit_ckpt = f"{model.ckpt}@sha256:{weights.file_sha256(model.weights)[:16]}"
+    if spec.autocast_bf16:
+        vit_ckpt += shards.BF16_SUFFIX
     try:
         if dataset_cfg["kind"] in datasets.FOLDER_KINDS:
             scan = scan_dataset(dataset_cfg, rescan)
@@ -335,6 +354,23 @@ def shard_metadata(
         )
     except (ValueError, datasets.DatasetError) as err:
         raise PlanError(f"{where}: {err}") from err
+
+
+def check_architecture(
+    spec_name: str, spec: config.ActivationsConfig, model: config.ModelConfig, where: str
+):
+    """The checkpoint name is one the family can build, and every layer is one of its blocks."""
+    try:
+        n_blocks = architectures.depth(model.family, model.ckpt)
+    except architectures.ArchitectureError as err:
+        raise PlanError(f"{where}.ckpt: {err}") from None
+    for layer in spec.layers:
+        if n_blocks is not None and not -n_blocks <= layer < n_blocks:
+            raise PlanError(
+                f"activations.{spec_name}.layers: layer {layer} does not exist in "
+                f"{model.family} {model.ckpt}, which has {n_blocks} blocks "
+                f"(layers {-n_blocks}..{n_blocks - 1}, -1 the last)"
+            )
 
 
 def lookup(table: dict, name: str, where: str):
@@ -365,14 +401,23 @@ def export_fpath(sweep: str, label: str) -> str:
     return f"{RESULTS_DPATH}/exports/{sweep}/{labels.export_slug(label)}.saev5.pt"
 
 
-def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Sweep:
-    """One sweep: its settings, its SAEs (id -> configuration), their groups and labels."""
+def plan_sweep(
+    name: str,
+    cfg: dict,
+    activations: dict,
+    shard_jobs: dict,
+    recorded: dict[str, RecordedGroup] | None = None,
+) -> Sweep:
+    """One sweep: its settings, its SAEs (id -> configuration), their groups and labels;
+    `recorded` (`recorded_groups`) are the groups earlier runs trained."""
     sweep_cfg = sweep_settings(name, cfg)
     train_shards, eval_shards = sweep_shards(name, sweep_cfg, activations, shard_jobs)
     train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
     saes, specs = sweep_saes(name, cfg, train_shards, train_md, eval_md)
     check_include_latents(name, sweep_cfg.render, {s: spec.sae.d_sae for s, spec in specs.items()})
-    groups = sweep_groups(saes, sweep_cfg.max_saes_per_group)
+    groups, sae_group = sweep_groups(saes, sweep_cfg.max_saes_per_group, recorded or {})
+    for group in groups.values():
+        check_group_memory(name, group, train_md.d_vit, sweep_cfg.max_group_memory_gib)
     sae_labels = labels.sae_labels(saes)
     externals = external_saes(name, sweep_cfg, train_shards, (train_md, eval_md), sae_labels)
     sae_labels |= {sae_id: external.name for sae_id, external in externals.items()}
@@ -386,7 +431,7 @@ def plan_sweep(name: str, cfg: dict, activations: dict, shard_jobs: dict) -> Swe
         saes=saes,
         specs=specs,
         groups=groups,
-        sae_group={sae_id: g.id for g in groups.values() for sae_id in g.sae_ids},
+        sae_group=sae_group,
         labels=sae_labels,
         externals=externals,
     )
@@ -413,7 +458,11 @@ def sweep_shards(
     eval_name = sweep_cfg.eval_activations or sweep_cfg.train_activations
     eval_shards = lookup(activations, eval_name, f"{where}.eval_activations")
     train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
-    if (train_md.vit_family, train_md.vit_ckpt) != (eval_md.vit_family, eval_md.vit_ckpt):
+
+    def model(md: shards.Metadata) -> tuple[str, str]:  # bf16 autocast: the same model
+        return md.vit_family, md.vit_ckpt.removesuffix(shards.BF16_SUFFIX)
+
+    if model(train_md) != model(eval_md):
         raise PlanError(
             f"{where}.eval_activations: train and eval activations come from different models"
         )
@@ -472,20 +521,76 @@ def check_layer(layer: int, where: str, train_md: shards.Metadata, eval_md: shar
             )
 
 
-def sweep_groups(saes: dict[str, dict], cap: int) -> dict[str, Group]:
-    """SAEs that share a data stream (`STREAM_KEYS`), in groups of at most `cap`."""
+def sweep_groups(
+    saes: dict[str, dict], cap: int, recorded: dict[str, RecordedGroup]
+) -> tuple[dict[str, Group], dict[str, str]]:
+    """The training jobs of a sweep's SAEs, and each SAE's group.
+
+    An SAE an earlier run trained stays in that run's group, which is kept as it was recorded
+    (same id, same members, so it never reruns for a grid that grew or shrank). The other SAEs
+    (new grid points, or SAEs whose `sae.pt` was lost) form new groups of their own: those that
+    share a data stream (`STREAM_KEYS`), in groups of at most `cap`, named by stream and members.
+    """
+    groups: dict[str, Group] = {}
+    sae_group: dict[str, str] = {}
+    for group_id in sorted(recorded):
+        mine = [s for s in sorted(recorded[group_id].trained) if s in saes and s not in sae_group]
+        if mine:
+            groups[group_id] = Group(id=group_id, saes=recorded[group_id].saes)
+            sae_group |= dict.fromkeys(mine, group_id)
     by_stream: dict[str, list[str]] = {}
-    for sae_id in sorted(saes):
+    for sae_id in sorted(set(saes) - set(sae_group)):
         stream = {k: saes[sae_id][k] for k in STREAM_KEYS}
         by_stream.setdefault(json.dumps(stream, sort_keys=True), []).append(sae_id)
-    groups = {}
     for stream_json, sae_ids in by_stream.items():
         stream = json.loads(stream_json)
         for lo in range(0, len(sae_ids), cap):
             members = tuple(sae_ids[lo : lo + cap])
             group_id = f"layer{stream['layer']}-{short_hash([stream, members])[:8]}"
-            groups[group_id] = Group(id=group_id, sae_ids=members)
-    return groups
+            groups[group_id] = Group(id=group_id, saes={s: saes[s] for s in members})
+            sae_group |= dict.fromkeys(members, group_id)
+    return groups, sae_group
+
+
+def check_group_memory(name: str, group: Group, d_vit: int, limit_gib: float):
+    """A group whose training would not fit is refused now, with the estimate, not by the
+    allocator hours into a queued job."""
+    specs = {s: config.sae_spec(d_vit, flat) for s, flat in group.saes.items()}
+    parts = [config.training_memory_bytes(spec) for spec in specs.values()]
+    state_gib, batch_gib = (sum(p[i] for p in parts) / 2**30 for i in (0, 1))
+    if state_gib + batch_gib > limit_gib:
+        widest = max(specs, key=lambda s: specs[s].sae.d_sae)
+        raise PlanError(
+            f"sweeps.{name}.max_group_memory_gib: group {group.id} ({len(specs)} SAEs, the widest "
+            f"{widest} with d_sae {specs[widest].sae.d_sae}) needs about "
+            f"{state_gib + batch_gib:.1f} GiB to train ({state_gib:.1f} GiB of weights, gradients "
+            f"and optimiser state, {batch_gib:.1f} GiB per batch), over the limit of {limit_gib:g}"
+            " GiB: lower exp_factor, batch_size or max_saes_per_group, or raise "
+            "max_group_memory_gib if the GPU has the memory"
+        )
+
+
+def group_dpath(sweep: str, group_id: str) -> str:
+    return f"{RESULTS_DPATH}/{sweep}/groups/{group_id}"
+
+
+def recorded_groups(workdir: pathlib.Path, sweep: str) -> dict[str, RecordedGroup]:
+    """The groups of `sweep` that earlier runs in `workdir` planned and trained at least one SAE
+    of: their spec files under results/specs/ say the members, a `sae.pt` in the group's folder
+    that the member was trained (the file is renamed into place whole). One stat per member."""
+    out = {}
+    specs_dpath = workdir / pathlib.Path(sweep_spec_fpath(sweep, "groups", "-")).parent
+    for spec_fpath in sorted(specs_dpath.glob("*.json")):
+        try:
+            job = jobs.TrainGroupJob.read(spec_fpath)
+        except jobs.SpecError as err:  # written by another version: its SAEs train anew
+            logger.warning("%s; its group is planned anew", err)
+            continue
+        dpath = workdir / group_dpath(sweep, job.group)
+        trained = frozenset(s for s in job.saes if (dpath / s / "sae.pt").is_file())
+        if trained:
+            out[job.group] = RecordedGroup(saes=job.saes, trained=trained)
+    return out
 
 
 def external_saes(
@@ -524,10 +629,12 @@ def validate_config(config_dct: dict):
     validate(config_dct, str(SCHEMA_FPATH))
 
 
-def make_plan(config_dct: dict, rescan: bool = True) -> Plan:
+def make_plan(config_dct: dict, rescan: bool = True, workdir: pathlib.Path | None = None) -> Plan:
     """Everything the workflow needs to know about jobs, from a config `validate_config` checked.
 
-    `rescan=False` (in jobs Snakemake starts) reuses the folder datasets' cached scans."""
+    `rescan=False` (in jobs Snakemake starts) reuses the folder datasets' cached scans.
+    `workdir` is the workflow directory whose earlier runs' groups are kept (`sweep_groups`);
+    None plans as if nothing was trained yet."""
     top = {k: config_dct[k] for k in ("shards_dpath", "device") if k in config_dct}
     workflow = typed(config.WorkflowConfig, top, "config")
     dataset_cfgs = {
@@ -557,7 +664,9 @@ def make_plan(config_dct: dict, rescan: bool = True) -> Plan:
             ),
         )
     sweeps = {
-        name: plan_sweep(name, cfg, activations, shard_jobs)
+        name: plan_sweep(
+            name, cfg, activations, shard_jobs, recorded_groups(workdir, name) if workdir else {}
+        )
         for name, cfg in config_dct["sweeps"].items()
     }
     check_external_saes(sweeps, shard_jobs)
@@ -591,6 +700,8 @@ def check_external_saes(sweeps: dict[str, Sweep], shard_jobs: dict[str, ShardJob
                     f"{where}: {fpath} is not an export of a trained SAE; exports are "
                     f"{RESULTS_DPATH}/exports/<sweep>/<label, spaces as ->.saev5.pt"
                 )
+            if fpath.is_dir():
+                raise PlanError(f"{where}: {fpath} is a directory; give the SAE's file (sae.pt)")
             if not fpath.is_file():
                 raise PlanError(f"{where}: {fpath} does not exist")
             try:

@@ -108,13 +108,16 @@ def part_marker_fname(part: int, n_parts: int) -> str:
     return f".dump-part{part}-of-{n_parts}.done"
 
 
-def heal_shard_directories(shard_dumps: dict[str, tuple[shards.Metadata, int]], root: str):
+def heal_shard_directories(
+    shard_dumps: dict[str, tuple[shards.Metadata, int]], root: str, dry_run: bool = False
+):
     """Make Snakemake see shard files lost since their dump (a scratch purge, a bad copy).
 
     `shard_dumps` maps each directory's hash to its metadata and number of dump parts. A dump
     part's marker (inside the shard directory) claims its shards are complete; when one of them
     is missing or has the wrong size, the claim is false: remove the marker and the directory's
-    `shards.json`, so the plan re-dumps that part and republishes. One stat per shard.
+    `shards.json`, so the plan re-dumps that part and republishes. One stat per shard. A dry run
+    only says what a real run would redo, and changes nothing (the disk may be read-only).
     """
     for shards_hash, (md, n_parts) in shard_dumps.items():
         dpath = pathlib.Path(root) / shards_hash
@@ -131,19 +134,24 @@ def heal_shard_directories(shard_dumps: dict[str, tuple[shards.Metadata, int]], 
             ]
             if lost:
                 logger.warning(
-                    "%s: %s missing or incomplete; dump part %d of %d will be redone",
+                    "%s: %s missing or incomplete; %s dump part %d of %d",
                     dpath,
                     ", ".join(lost),
+                    "a real run (not a dry run) redoes" if dry_run else "redoing",
                     part,
                     n_parts,
                 )
-                marker_fpath.unlink()
-                (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)
+                if not dry_run:
+                    marker_fpath.unlink()
+                    (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)
         labels_fpath = dpath / shards.LABELS_FNAME
         if md.protocol == shards.PROTOCOL_WITH_LABELS and not is_complete(
             labels_fpath, md.labels_nbytes
         ):
-            (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)  # publish writes it again
+            if dry_run:
+                logger.warning("%s missing; a real run publishes %s again", labels_fpath, dpath)
+            else:
+                (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)  # publish writes it again
 
 
 def is_complete(fpath: pathlib.Path, nbytes: int) -> bool:

@@ -7,10 +7,14 @@ plan writes under `results/specs/shards/<HASH>/`:
     python -m saev_core.steps.dump publish --spec-fpath .../publish.json
 
 `part` (a `DumpPartJob`) writes its disjoint range of whole shards into the job's shard
-directory (`<shards_dpath>/<metadata hash>/`), resuming
-after a kill from the first incomplete shard; `publish` runs once every part is done, writes
-`labels.bin` for datasets with masks, and publishes `shards.json`, which marks the directory
-complete. The bytes do not depend on the number of parts, the batch size or the device.
+directory (`<shards_dpath>/<metadata hash>/`), each with the CRC-32 of every image row beside it
+(`acts<i>.crc32`), resuming after a kill from the first incomplete shard and rewriting any
+complete one whose bytes no longer match; `publish` runs once every part is done, writes
+`labels.bin` for datasets with masks, checks every shard against its checksums and publishes
+`shards.json`, which marks the directory complete. The bytes do not depend on the number of parts,
+the batch size or the device. A third command checks a shard directory on demand:
+
+    python -m saev_core.steps.dump verify results/shards/<HASH>
 """
 
 import argparse
@@ -84,7 +88,7 @@ def dump_part(
     out_dpath = pathlib.Path(out_dpath)
     writer = shards.ShardWriter(out_dpath, metadata)
     shard_ids = shards.part_shards(metadata.n_shards, n_parts, part)
-    todo = writer.incomplete_shards(shard_ids)
+    todo = writer.incomplete_shards(shard_ids, verify=True)  # a forced re-dump repairs damage
     if not todo:
         logger.info("part %d/%d: shards %s already complete", part, n_parts, shard_ids)
         return out_dpath
@@ -131,11 +135,13 @@ def write_shards(
         pin_memory=device.type == "cuda",
     )
     sink = ShardSink(writer)
+    bf16 = metadata.vit_ckpt.endswith(shards.BF16_SUFFIX)
     t0 = last_log = time.perf_counter()
     n_done = 0
     try:
         for imgs_BCHW, idx_B in loader:
-            acts_BLTD = recorder(imgs_BCHW.to(device, non_blocking=True))
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                acts_BLTD = recorder(imgs_BCHW.to(device, non_blocking=True))
             check_shape(acts_BLTD, metadata)
             sink.put(acts_BLTD, idx_B)
             n_done += len(idx_B)
@@ -252,7 +258,7 @@ def publish(
             PatchLabels(dataset, metadata.n_patches_per_img), batch_size=256, num_workers=n_workers
         )
         writer.write_labels(torch.cat(list(loader)).numpy())
-    writer.publish()
+    writer.publish(n_threads=max(2, n_workers + 1))  # one thread reads while one sums
     return out_dpath
 
 
@@ -291,8 +297,19 @@ def main(argv: list[str] | None = None):
     publish_parser.add_argument(
         "--spec-fpath", type=pathlib.Path, required=True, help="a PublishJob"
     )
+    verify_parser = commands.add_parser("verify", help="check shards against their checksums")
+    verify_parser.add_argument("shards_dpath", type=pathlib.Path, help="a shard directory")
+    verify_parser.add_argument("--n-threads", type=int, default=4)
     args = parser.parse_args(argv)
     helpers.setup_logging()
+    if args.command == "verify":
+        damaged = shards.verify(args.shards_dpath, args.n_threads)
+        for err in damaged:
+            logger.error("%s", err)
+        if damaged:
+            raise SystemExit(1)
+        logger.info("%s: every shard matches its checksums", args.shards_dpath)
+        return
     if args.command == "part":
         job = jobs.DumpPartJob.read(args.spec_fpath)
         out_dpath = dump_part(

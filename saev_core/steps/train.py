@@ -4,7 +4,8 @@ Run as `python -m saev_core.steps.train --spec-fpath
 results/specs/sweeps/<sweep>/groups/<group>.json --out-dpath results/<sweep>/groups/<group> --device auto`, where the spec is a
 `jobs.TrainGroupJob` (the SAEs' flat configurations, the shard directory, the work folder, the
 checkpoint interval and the W&B project). `train_group` is the library form. Writes
-`<sae id>/sae.pt` and `<sae id>/train_log.csv` for each SAE, and `group.json`.
+`<sae id>/sae.pt` and `<sae id>/train_log.csv` for each SAE, each file renamed into place whole, and
+`group.json` last (the rule's output: a failed rerun loses only that, never the previous SAEs).
 
 While it runs, the job keeps its logs and a training checkpoint (weights, optimiser state, firing
 counters, loader position) in the work folder, outside the output Snakemake removes after a failure.
@@ -17,7 +18,6 @@ import csv
 import json
 import logging
 import math
-import os
 import pathlib
 import shutil
 import time
@@ -118,37 +118,46 @@ class Stack:
         scales = [sae.JUMPRELU_THRESHOLD_LR_SCALE if n == "log_threshold" else 1.0 for n in names]
         self.optimizer = StackedAdam(list(params), lr_scales=scales)
         self.device = device
-        # Fixed per SAE: built once, so a step needs no host-device copy or sync to read them.
-        self.grad_clip_M = torch.tensor([t.grad_clip for t in self.trains], device=device)
+
+        # Per-SAE settings as device tensors, built once: a step combines them with the step
+        # number (a kernel argument), so it needs no host-to-device copy, and no sync.
+        def per_sae(values, dtype=torch.float64):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        self.grad_clip_M = per_sae([t.grad_clip for t in self.trains], torch.float32)
         self.clips = any(t.grad_clip > 0 for t in self.trains)
+        self.base_lr_M = per_sae([t.lr for t in self.trains])
+        self.warmup_M = per_sae([max(1, t.warmup_steps) for t in self.trains])
+        self.cosine_M = per_sae([t.lr_schedule == "cosine" for t in self.trains], torch.bool)
+        self.sparsity_warmup_M = per_sae([max(1, t.sparsity_warmup_steps) for t in self.trains])
+        self.first_nonfinite_M = torch.full((len(self.sae_ids),), -1, device=device)
+        """The first step whose loss was NaN or infinite, per SAE (-1: none yet), kept on the
+        device and read only by `check_finite`."""
 
     def lr(self, step: int) -> torch.Tensor:
         """Linear warm-up, then constant or cosine decay to zero at the last step."""
-        lrs = []
-        for cfg in self.trains:
-            warmup = max(1, cfg.warmup_steps)
-            factor = min(1.0, (step + 1) / warmup)
-            if cfg.lr_schedule == "cosine" and step >= warmup:
-                progress = (step - warmup) / max(1, self.n_steps - warmup)
-                factor = 0.5 * (1 + math.cos(math.pi * progress))
-            lrs.append(cfg.lr * factor)
-        return torch.tensor(lrs, device=self.device)
+        warm_M = ((step + 1) / self.warmup_M).clamp(max=1.0)
+        progress_M = (step - self.warmup_M) / (self.n_steps - self.warmup_M).clamp(min=1)
+        cosine_M = 0.5 * (1 + torch.cos(math.pi * progress_M))
+        decaying_M = self.cosine_M & (step >= self.warmup_M)
+        return (self.base_lr_M * torch.where(decaying_M, cosine_M, warm_M)).float()
 
     def sparsity_scale(self, step: int) -> torch.Tensor:
         """Linear warm-up of the sparsity coefficient over `sparsity_warmup_steps`."""
-        scales = [min(1.0, (step + 1) / max(1, c.sparsity_warmup_steps)) for c in self.trains]
-        return torch.tensor(scales, device=self.device)
+        return ((step + 1) / self.sparsity_warmup_M).clamp(max=1.0).float()
 
     def step(self, x_BD: torch.Tensor, step: int) -> tuple[sae.Loss, torch.Tensor, torch.Tensor]:
-        """One update of every SAE; returns the losses, learning rates and sparsity coefficients."""
+        """One update of every SAE; returns the losses, learning rates and sparsity coefficients.
+
+        A non-finite loss is recorded on the device, not read here (reading it would make the
+        host wait for the GPU every step); `check_finite` reads it at the logging and checkpoint
+        interval, before any checkpoint or output is written."""
         if step == 0:
             self.model.init_from_batch(x_BD)
         lr_M, scale_M = self.lr(step), self.sparsity_scale(step)
         losses = self.model.loss(x_BD, scale_M)
-        nonfinite_M = ~torch.isfinite(losses.loss)
-        if nonfinite_M.any():  # before the update: the weights stay as they were
-            bad = [self.sae_ids[m] for m in nonfinite_M.nonzero().flatten().tolist()]
-            raise NonFiniteLoss(f"SAE {', '.join(bad)}: non-finite loss at step {step}")
+        new_M = (self.first_nonfinite_M < 0) & ~torch.isfinite(losses.loss)
+        self.first_nonfinite_M = torch.where(new_M, step, self.first_nonfinite_M)
         self.optimizer.zero_grad()
         losses.loss.sum().backward()  # independent SAEs: each gets its own loss's gradient
         self.model.remove_parallel_grads()
@@ -156,6 +165,27 @@ class Stack:
         self.optimizer.step(lr_M)
         self.model.normalize_decoder()
         return losses, lr_M, self.model.sparsity_coeff * scale_M
+
+    def check_finite(self, step: int, weights: bool = False):
+        """Raise NonFiniteLoss naming the SAEs whose loss became NaN or infinite, and the first
+        step it did; the one place a step's outcome is read back. With `weights` (before a
+        checkpoint), the weights after step `step`'s update are checked too."""
+        if weights:
+            with torch.no_grad():
+                finite_M = torch.stack(
+                    [
+                        torch.isfinite(p).reshape(len(p), -1).all(dim=1)
+                        for p in self.model.parameters()
+                    ]
+                ).all(dim=0)
+            new_M = (self.first_nonfinite_M < 0) & ~finite_M
+            self.first_nonfinite_M = torch.where(new_M, step, self.first_nonfinite_M)
+        first_M = self.first_nonfinite_M.tolist()
+        bad = [(sae_id, s) for sae_id, s in zip(self.sae_ids, first_M, strict=True) if s >= 0]
+        if bad:
+            first = min(s for _, s in bad)
+            names = ", ".join(sae_id for sae_id, _ in bad)
+            raise NonFiniteLoss(f"SAE {names}: non-finite loss or weights at step {first}")
 
     @torch.no_grad()
     def clip_grads(self):
@@ -247,22 +277,19 @@ def train_locked(
     wandb_run = tracking.WandbRun(wandb_project, out_dpath.name, group) if wandb_project else None
 
     t0 = time.perf_counter()
-    timed_batches = WaitTimer(batches)
+    timed_batches = WaitTimer(batches)  # the loader's time only, not the copies to the device
     try:
-        for step, x_BD in enumerate(timed_batches, start=first_step):
-            x_BD = x_BD.to(torch_device, non_blocking=True)
-            is_log_step = step % log_every == 0 or step == len(batches) - 1
+        for step, x_BD in enumerate(
+            loaders.ToDevice(timed_batches, torch_device), start=first_step
+        ):
+            is_last = step == len(batches) - 1
+            is_log_step = step % log_every == 0 or is_last
+            is_checkpoint = checkpoint_every and (step + 1) % checkpoint_every == 0 and not is_last
             rows = {}
             for stack in stacks.values():
-                try:
-                    losses, lr_M, coeff_M = stack.step(x_BD, step)
-                except NonFiniteLoss as err:
-                    batches.find_nonfinite()  # names the shard file and image if data is at fault
-                    raise NonFiniteLoss(
-                        f"{err}; the training activations are finite, so training diverged "
-                        "(lower `lr` or the sparsity coefficient). Nothing was written; the last "
-                        f"checkpoint stays in {work_dpath}"
-                    ) from None
+                losses, lr_M, coeff_M = stack.step(x_BD, step)
+                if is_log_step or is_checkpoint:  # the step's outcome is read only here
+                    check_finite(stack, step, is_checkpoint or is_last, batches, work_dpath)
                 if is_log_step:
                     rows |= log_rows(stack, step, losses, lr_M, coeff_M)
             if is_log_step:
@@ -275,7 +302,7 @@ def train_locked(
                 logger.info(
                     "step %d/%d, %.1f steps/s, ETA %.0fs", step + 1, len(batches), rate, eta_s
                 )
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < len(batches):
+            if is_checkpoint:
                 save_checkpoint(work_dpath, group, step + 1, stacks, batches, logs)
     finally:
         for log_fd, _ in logs.values():
@@ -296,23 +323,43 @@ def train_locked(
         for stack in stacks.values()
         for m, sae_id in enumerate(stack.sae_ids)
     }
-    # Written beside the output, then renamed into place: a half-written group never looks done.
-    tmp_dpath = shards.tmp_sibling(out_dpath)
-    shutil.rmtree(tmp_dpath, ignore_errors=True)
-    tmp_dpath.mkdir(parents=True)
+    # Each file is renamed into place whole, and `group.json` (the rule's declared output) comes
+    # last: a failed or killed job leaves the previous complete SAEs where they were.
     for sae_id, model in models.items():
-        (tmp_dpath / sae_id).mkdir()
-        shutil.copyfile(work_dpath / f"{sae_id}.csv", tmp_dpath / sae_id / "train_log.csv")
+        member_dpath = out_dpath / sae_id
+        member_dpath.mkdir(parents=True, exist_ok=True)
+        log_bytes = (work_dpath / f"{sae_id}.csv").read_bytes()
+        shards.write_atomic(member_dpath / "train_log.csv", log_bytes, sync=False)
         # Keys sorted, as in the spec file: the same header bytes however the job was started.
-        sae.save(tmp_dpath / sae_id / "sae.pt", model, train=dict(sorted(group[sae_id].items())))
+        sae.save(member_dpath / "sae.pt", model, train=dict(sorted(group[sae_id].items())))
     stream_dct = {k: getattr(stream, k) for k in config.STREAM_FIELDS}
     summary = {"stream": stream_dct, "saes": sorted(saes), "steps": len(batches)}
-    (tmp_dpath / "group.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out_dpath.exists():
-        shutil.rmtree(out_dpath)
-    os.replace(tmp_dpath, out_dpath)
+    shards.write_atomic(
+        out_dpath / jobs.GROUP_FNAME, (json.dumps(summary, indent=2) + "\n").encode()
+    )
     shutil.rmtree(work_dpath)
     return models
+
+
+def check_finite(
+    stack: Stack,
+    step: int,
+    weights: bool,
+    batches: loaders.ShuffledLoader,
+    work_dpath: pathlib.Path,
+):
+    """Stop on a non-finite loss (or, before a checkpoint, non-finite weights), naming the shard
+    file and image if the data is at fault, before anything is written: the last checkpoint (from
+    before the divergence) stays."""
+    try:
+        stack.check_finite(step, weights)
+    except NonFiniteLoss as err:
+        batches.find_nonfinite()  # raises ShardError if a non-finite vector is in the data
+        raise NonFiniteLoss(
+            f"{err}; the training activations are finite, so training diverged "
+            "(lower `lr` or the sparsity coefficient). Nothing was written; the last "
+            f"checkpoint stays in {work_dpath}"
+        ) from None
 
 
 def one_stream(saes: dict[str, config.SaeSpec]) -> config.TrainConfig:

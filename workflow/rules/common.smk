@@ -2,8 +2,10 @@
 (saev_core.planning.plan), written to results/specs/; helpers below hand each rule its spec,
 inputs and params."""
 
+import pathlib
 import types
 
+from saev_core import jobs
 from saev_core.planning import reruns
 from saev_core.planning import plan as saev_plan
 
@@ -11,7 +13,10 @@ CONFIG_SOURCE = ", ".join(CONFIG_FPATHS)
 try:
     saev_plan.validate_config(config)
     # Jobs plan again inside themselves; they reuse the main process's dataset scans.
-    PLAN = saev_plan.make_plan(config, rescan=workflow.is_main_process)
+    # SAEs trained by earlier runs stay in their groups (a grown sweep trains only what is new).
+    PLAN = saev_plan.make_plan(
+        config, rescan=workflow.is_main_process, workdir=pathlib.Path(".")
+    )
 except saev_plan.PlanError as err:
     raise WorkflowError(f"{CONFIG_SOURCE}: {err}") from None
 if workflow.is_main_process:
@@ -20,6 +25,7 @@ if workflow.is_main_process:
     reruns.heal_shard_directories(
         {h: (j.metadata, j.activations.n_parts) for h, j in PLAN.shard_jobs.items()},
         PLAN.workflow.shards_dpath,
+        dry_run=workflow.output_settings.dryrun,
     )
 
 SHARDS_DPATH = PLAN.workflow.shards_dpath.rstrip("/")
@@ -76,6 +82,7 @@ SUMMARIZE = step_job("summarize", lambda wc: saev_plan.summary_spec_fpath(wc.swe
 localrules:
     all,
     synthetic_dataset,
+    shards_published,
     summarize_sweep,
 
 
@@ -127,7 +134,7 @@ def sae_input(sweep_name, sae_id):
     sweep = PLAN.sweeps[sweep_name]
     if sae_id in sweep.externals:
         return sweep.externals[sae_id].fpath
-    return f"results/{sweep_name}/groups/{sweep.sae_group[sae_id]}"
+    return f"{saev_plan.group_dpath(sweep_name, sweep.sae_group[sae_id])}/{jobs.GROUP_FNAME}"
 
 
 def get_sae_input(wildcards):
@@ -150,11 +157,23 @@ def get_all_outputs():
     outputs = [f"{shards_dpath(h)}/shards.json" for h in PLAN.shard_jobs]
     for name, sweep in PLAN.sweeps.items():
         outputs += [f"results/{name}/summary.csv", f"results/{name}/pareto.png"]
+        # A group whose rerun failed shows as still to train (saev_core.planning.keep keeps
+        # its previous SAEs instead), never as a hidden retrain the next downstream change needs.
+        outputs += [
+            f"{saev_plan.group_dpath(name, group_id)}/{jobs.GROUP_FNAME}"
+            for group_id in sweep.groups
+        ]
+        # Every file of every SAE, intermediate ones too: one lost (an OOM-killed top-k job,
+        # a hand-deleted metrics.json) is made again by the next run, not met later as missing.
         for sae_id in sweep.sae_ids:
             sae_dpath = f"results/{name}/saes/{sae_id}"
             outputs += [
                 f"{sae_dpath}/{fname}"
                 for fname in (
+                    "metrics.json",
+                    "latents.npz",
+                    "concept_candidates.csv",
+                    "topk.npz",
                     "histograms.png",
                     "concepts.csv",
                     "features",

@@ -32,8 +32,7 @@ rule publish_activations:
         dataset=get_dump_dataset,
         parts=get_dump_parts,
     output:
-        listing=f"{SHARDS_DPATH}/{{shards}}/shards.json",
-        published=touch("results/shards-published/{shards}.done"),
+        f"{SHARDS_DPATH}/{{shards}}/shards.json",
     log:
         "results/logs/publish_activations/{shards}.log",
     benchmark:
@@ -45,3 +44,15 @@ rule publish_activations:
         **PUBLISH.params,
     shell:
         "python -m saev_core.steps.dump publish --spec-fpath {input.spec:q} > {log} 2>&1"
+
+
+rule shards_published:
+    """The token steps that read a shard directory wait for (`shards_done`): its own job, so a
+    publish killed and redone (or a re-dump) never makes it look new, and nothing downstream
+    reruns for the same bytes."""
+    input:
+        ancient(f"{SHARDS_DPATH}/{{shards}}/shards.json"),
+    output:
+        touch("results/shards-published/{shards}.done"),
+    conda:
+        "../../envs/saev.yaml"

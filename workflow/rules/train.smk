@@ -1,14 +1,15 @@
 rule train_group:
     """Train every SAE of one sweep group on the same batches, in one job.
 
-    Checkpoints go to results/{sweep}/work/{group}/, outside the declared output (which Snakemake
-    removes after a failure), so a killed or resubmitted job continues where it stopped.
+    The declared output is group.json, which the step writes last: Snakemake deletes only it when
+    a rerun fails, so the previous complete SAEs beside it stay. Checkpoints go to
+    results/{sweep}/work/{group}/, so a killed or resubmitted job continues where it stopped.
     """
     input:
         spec=TRAIN.input,
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
     output:
-        directory("results/{sweep}/groups/{group}"),
+        f"results/{{sweep}}/groups/{{group}}/{jobs.GROUP_FNAME}",
     log:
         "results/logs/train_group/{sweep}/{group}.log",
     benchmark:
@@ -18,8 +19,9 @@ rule train_group:
     threads: 4
     params:
         **TRAIN.params,
+        out_dpath=lambda wc, output: os.path.dirname(output[0]),
     shell:
-        "python -m saev_core.steps.train --spec-fpath {input.spec:q} --out-dpath {output:q}"
+        "python -m saev_core.steps.train --spec-fpath {input.spec:q} --out-dpath {params.out_dpath:q}"
         " --device {params.device} > {log} 2>&1"
 
 
