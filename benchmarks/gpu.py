@@ -30,6 +30,7 @@ and the absolute figures: vectors/s trained, images/s dumped, GB/s loaded, the d
 """
 
 import argparse
+import csv
 import dataclasses
 import logging
 import os
@@ -72,9 +73,9 @@ def set_tf32(on: bool):
 def last_losses(out_dpath: pathlib.Path) -> dict[str, float]:
     losses = {}
     for log_fpath in out_dpath.glob("*/train_log.csv"):
-        *_, last = log_fpath.read_text().splitlines()
-        header = log_fpath.read_text().splitlines()[0].split(",")
-        losses[log_fpath.parent.name] = float(last.split(",")[header.index("loss")])
+        with open(log_fpath, newline="") as fd:
+            *_, last = csv.DictReader(fd)
+        losses[log_fpath.parent.name] = float(last["loss"])
     return losses
 
 

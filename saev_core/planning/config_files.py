@@ -95,14 +95,16 @@ def load_workflow_config(config: dict, workflow) -> list[str]:
     return fpaths
 
 
-def load(fpath: str | pathlib.Path) -> dict:
-    """Read one experiments YAML strictly and validate it, filling the schema's defaults, as
-    the workflow does."""
-    config_dct = read(fpath)
+def load(*fpaths: str | pathlib.Path) -> dict:
+    """Read experiments YAML files strictly, merged in order (as `--configfile A B` merges
+    them), and validate the result, filling the schema's defaults, as the workflow does."""
+    config_dct: dict = {}
+    for fpath in fpaths:
+        config_dct = merge(config_dct, read(fpath))
     try:
         plan.validate_config(config_dct)
     except plan.PlanError as err:
-        raise plan.PlanError(f"{fpath}: {err}") from None
+        raise plan.PlanError(f"{', '.join(map(str, fpaths))}: {err}") from None
     return config_dct
 
 
@@ -110,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("fpaths", nargs="+", type=pathlib.Path, help="experiments YAML files")
     args = parser.parse_args(argv)
-    merged: dict = {}
     try:
-        for fpath in args.fpaths:
-            merged = merge(merged, read(fpath))
-        plan.validate_config(merged)
-        plan.make_plan(merged)
+        plan.make_plan(load(*args.fpaths))
     except (ConfigFileError, plan.PlanError) as err:
         print(err, file=sys.stderr)
         return 1

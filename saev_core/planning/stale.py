@@ -92,25 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remove", action="store_true", help="delete what is removable")
     args = parser.parse_args(argv)
     try:
-        merged: dict = {}
-        for fpath in args.fpaths:
-            merged = config_files.merge(merged, config_files.read(fpath))
-        plan.validate_config(merged)
-        the_plan = plan.make_plan(merged, workdir=pathlib.Path("."))
+        the_plan = plan.make_plan(config_files.load(*args.fpaths), workdir=pathlib.Path("."))
     except (config_files.ConfigFileError, plan.PlanError) as err:
         print(err, file=sys.stderr)
         return 1
     stale = stale_paths(the_plan)
+    left_bytes = 0
     for item in stale:
-        action = "removed" if args.remove and item.removable else "stale"
-        print(f"{action}\t{size_bytes(item.fpath) / 1e6:.1f} MB\t{item.fpath}\t{item.why}")
-        if args.remove and item.removable:
-            if item.fpath.is_dir():
-                shutil.rmtree(item.fpath)
-            else:
-                item.fpath.unlink()
-    total_mb = sum(size_bytes(i.fpath) for i in stale if i.fpath.exists()) / 1e6
-    print(f"{len(stale)} stale path(s), {total_mb:.1f} MB left", file=sys.stderr)
+        nbytes = size_bytes(item.fpath)
+        removing = args.remove and item.removable
+        print(
+            f"{'removed' if removing else 'stale'}\t{nbytes / 1e6:.1f} MB\t{item.fpath}\t{item.why}"
+        )
+        if not removing:
+            left_bytes += nbytes
+        elif item.fpath.is_dir():
+            shutil.rmtree(item.fpath)
+        else:
+            item.fpath.unlink()
+    print(f"{len(stale)} stale path(s), {left_bytes / 1e6:.1f} MB left", file=sys.stderr)
     return 0
 
 
