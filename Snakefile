@@ -27,6 +27,7 @@ include: "workflow/rules/dump.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/visuals.smk"
+include: "workflow/rules/probes.smk"
 
 
 rule all:

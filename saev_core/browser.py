@@ -66,6 +66,48 @@ def read_concepts(fpath: pathlib.Path) -> dict[int, list[dict]]:
     }
 
 
+def read_edits(interventions: dict[str, str]) -> dict[int, list[dict]]:
+    """Latent -> what editing it did: for each intervention that edited it (as one of a class's
+    proposed latents), the class, the change of that class's score, the control's change of it
+    and the mean absolute change of the other edited classes, at the intervention's best scale."""
+    by_latent: dict[int, list[dict]] = {}
+    for name, dpath in sorted(interventions.items()):
+        dpath = pathlib.Path(dpath)
+        summary = json.loads((dpath / "intervention.json").read_text())
+        with open(dpath / "effects.csv", newline="") as fd:
+            rows = [
+                r for r in csv.DictReader(fd) if f"{float(r['scale']):g}" == summary["best_scale"]
+            ]
+        edited = {r["edited_name"] for r in rows}
+        for class_name, latents in summary["latents"].items():
+            mine = [r for r in rows if r["edited_name"] == class_name]
+            own = [r for r in mine if r["measured_name"] == class_name]
+            if not own:
+                continue
+            before, after, control = (float(own[0][k]) for k in ("before", "after", "control"))
+            others = [
+                abs(float(r["after"]) - float(r["before"]))
+                for r in mine
+                if r["measured_name"] != class_name and r["measured_name"] in edited
+            ]
+            entry = {
+                "intervention": name,
+                "action": summary["action"],
+                "scale": summary["best_scale"],
+                "score": summary["score"],
+                "class": class_name,
+                "n_latents": len(latents),
+                "before": before,
+                "change": after - before,
+                "control_change": control - before,
+                "others_change": sum(others) / len(others) if others else None,
+                "page": f"interventions/{name}/interventions.html",
+            }
+            for latent in latents:
+                by_latent.setdefault(int(latent), []).append(entry)
+    return by_latent
+
+
 def page_data(
     result: topk_results.TopK,
     summaries: list[dict],
@@ -75,6 +117,7 @@ def page_data(
     note: str,
     patches_per_side: int,
     concepts: dict[int, list[dict]],
+    edits: dict[int, list[dict]] | None = None,
 ) -> dict:
     """Everything the page shows, as one JSON-able dict (`selection` is a `render.Selection`)."""
     fired = np.flatnonzero(result.freq > 0)
@@ -102,6 +145,7 @@ def page_data(
         "filled": selection.filled,
         "removed": selection.removed,
         "concepts": {str(latent): found for latent, found in concepts.items()},
+        "edits": {str(latent): found for latent, found in (edits or {}).items()},
     }
 
 

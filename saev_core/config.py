@@ -302,6 +302,138 @@ class ExternalSaeConfig:
             raise ConfigError("tokens", f"must be one of {list(TOKENS)}, got {self.tokens!r}")
 
 
+PROBE_KINDS = ("patch", "image")
+POOLINGS = ("cls", "mean")
+ACTIONS = ("suppress", "scale")
+
+
+def as_tuple(value) -> tuple:
+    """A YAML scalar or list as a tuple (a one-value grid may be written bare)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """A linear probe on one layer of one activation dump: per patch (the dump's `labels.bin`)
+    or per image (the dataset's target). Every learning rate and weight decay of the grid trains
+    in one job on the same batches; the best on the held-out activations is kept."""
+
+    kind: str
+    """`patch` (one class per patch) or `image` (one class per image)."""
+    train_activations: str
+    """Activation dump to train on (a key of `activations`)."""
+    layer: int
+    """Recorded layer the probe reads."""
+    eval_activations: str | None = None
+    """Held-out dump that picks the best grid point and that interventions measure on; None:
+    the training one."""
+    pooling: str = "mean"
+    """Image probes: read `[CLS]` (`cls`) or the mean of the patch vectors (`mean`)."""
+    ignore_labels: tuple[int, ...] = ()
+    """Patch probes: classes whose patches are left out of training and of every metric (saev
+    leaves out ADE20K's 0, "other")."""
+    n_train: int = 262_144
+    """Training budget in vectors (patches or images)."""
+    batch_size: int = 1024
+    """Vectors per step."""
+    lr: tuple[float, ...] = (1e-4,)
+    """AdamW learning rates (a grid axis)."""
+    weight_decay: tuple[float, ...] = (1e-3,)
+    """AdamW weight decays (a grid axis)."""
+    seed: int = 0
+    """Seed of the data order and the initialisation."""
+
+    def __post_init__(self):
+        for name in ("ignore_labels", "lr", "weight_decay"):
+            object.__setattr__(self, name, as_tuple(getattr(self, name)))
+        if self.kind not in PROBE_KINDS:
+            raise ConfigError("kind", f"must be one of {list(PROBE_KINDS)}, got {self.kind!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError("pooling", f"must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.ignore_labels and self.kind != "patch":
+            raise ConfigError("ignore_labels", "applies to patch probes")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
+        if self.n_train < self.batch_size:
+            raise ConfigError(
+                "n_train", f"{self.n_train} is less than one batch ({self.batch_size} vectors)"
+            )
+        for name in ("lr", "weight_decay"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ConfigError(name, f"must list distinct values, got {list(values)}")
+        if any(not lr > 0 for lr in self.lr):
+            raise ConfigError("lr", f"must be > 0, got {list(self.lr)}")
+        if any(wd < 0 for wd in self.weight_decay):
+            raise ConfigError("weight_decay", f"must be >= 0, got {list(self.weight_decay)}")
+
+    @property
+    def tokens(self) -> str:
+        """What the probe reads per vector, as the loaders name it (`mean`: pooled patches)."""
+        if self.kind == "patch":
+            return "patches"
+        return "cls" if self.pooling == "cls" else "mean"
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        """(lr, weight decay) of each probe the job trains, in a fixed order."""
+        return [(lr, wd) for lr in self.lr for wd in self.weight_decay]
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            **{k: list(getattr(self, k)) for k in ("ignore_labels", "lr", "weight_decay")},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class InterventionConfig:
+    """An edit of a class's SAE latents, measured by a probe: each SAE of the sweep at or before
+    the probe's layer runs it."""
+
+    name: str
+    """Names the outputs: results/<sweep>/saes/<sae>/interventions/<name>/."""
+    probe: str
+    """A key of `probes`."""
+    action: str = "suppress"
+    """`suppress`: the class's latents set to 0 where they fire; `scale`: set to each scale
+    times the latent's percentile value (the top-k pass's, p99 by default) on every token."""
+    n_latents: int = 4
+    """Latents proposed per class: its best-ranked concept candidates."""
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+    """`scale`: multiples of the latents' percentile value tried."""
+    classes: tuple[str, ...] = ()
+    """Class names whose latents are edited; empty: every class with proposed latents."""
+    seed: int = 0
+    """Seed of the control's random latents."""
+    n_images: int = 2
+    """Held-out images per class drawn on the interventions page."""
+
+    def __post_init__(self):
+        for name in ("scales", "classes"):
+            object.__setattr__(self, name, as_tuple(getattr(self, name)))
+        if self.action not in ACTIONS:
+            raise ConfigError("action", f"must be one of {list(ACTIONS)}, got {self.action!r}")
+        if self.n_latents < 1:
+            raise ConfigError("n_latents", f"must be at least 1, got {self.n_latents}")
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise ConfigError("scales", f"must list positive numbers, got {list(self.scales)}")
+        if self.n_images < 0:
+            raise ConfigError("n_images", f"must be >= 0, got {self.n_images}")
+
+    @property
+    def conditions(self) -> tuple[float, ...]:
+        """The edit's scales: (0,) for suppression."""
+        return (0.0,) if self.action == "suppress" else self.scales
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "scales": list(self.scales),
+            "classes": list(self.classes),
+        }
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     """A sweep's settings besides its `train` and `saes` grids."""
@@ -326,6 +458,8 @@ class SweepConfig:
     """What the feature browser shows."""
     external_saes: tuple[ExternalSaeConfig, ...] = ()
     """Existing SAEs evaluated, top-k'd and rendered beside the trained ones."""
+    interventions: tuple[InterventionConfig, ...] = ()
+    """Edits of each class's latents, measured by a probe (`InterventionConfig`)."""
 
     def __post_init__(self):
         if not 1 <= self.max_saes_per_group <= 1024:

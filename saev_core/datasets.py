@@ -374,6 +374,14 @@ def file_stamp(st: os.stat_result) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def centre_square(mask_HW: np.ndarray) -> np.ndarray:
+    """The centre square of a mask: the pixels the models' resize-and-crop transforms keep."""
+    h, w = mask_HW.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return mask_HW[top : top + side, left : left + side]
+
+
 def patch_labels(mask_HW: np.ndarray, n_patches_per_img: int, n_classes: int) -> np.ndarray:
     """Majority class of the pixels under each patch, row-major, uint8 (P,); ties go to the
     lower class.
@@ -384,10 +392,8 @@ def patch_labels(mask_HW: np.ndarray, n_patches_per_img: int, n_classes: int) ->
     grid = int(round(n_patches_per_img**0.5))
     if grid * grid != n_patches_per_img:
         raise ValueError(f"patch labels need a square patch grid, got {n_patches_per_img} patches")
-    h, w = mask_HW.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square_HW = mask_HW[top : top + side, left : left + side]
+    square_HW = centre_square(mask_HW)
+    side = len(square_HW)
     cell = max(1, side // grid)
     resized = np.asarray(Image.fromarray(square_HW).resize((grid * cell,) * 2, Image.NEAREST))
     blocks_PC = resized.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid**2, -1)

@@ -235,6 +235,8 @@ class RenderJob(Job):
     layer: int
     dataset: dict
     render: config.RenderConfig
+    interventions: dict[str, str]
+    """Intervention name -> this SAE's outputs of it: latent pages say what editing them did."""
     EXECUTION = ("shards_dpath", "sae_fpath", "topk_fpath", "concepts_fpath")
 
 
@@ -261,3 +263,61 @@ class ExportJob(Job):
     sae_id: str
     sae_fpath: str
     EXECUTION = ("sae_fpath",)
+
+
+PROBE_FNAME = "probe.json"
+"""What a probe job writes last: the chosen grid point and its held-out scores."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeJob(Job):
+    """Train a probe's grid of learning rates and weight decays on one stream of batches and
+    keep the best on held-out activations (`train_probe`)."""
+
+    name: str
+    probe: config.ProbeConfig
+    train_shards: str
+    """Hash of the training shard directory."""
+    eval_shards: str
+    train_shards_dpath: str
+    eval_shards_dpath: str
+    train_dataset: dict
+    """The training dataset's config (image targets)."""
+    eval_dataset: dict
+    """The held-out dataset's config (targets, masks for pixel scores)."""
+    classes: tuple[str, ...]
+    EXECUTION = ("train_shards_dpath", "eval_shards_dpath")
+
+
+INTERVENTION_FNAME = "intervention.json"
+"""What an intervention job writes last: its averages per scale."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InterveneJob(Job):
+    """Edit each class's latents of one SAE in held-out activations and measure the probe's
+    predictions before, after, and after the same edit of random latents (`intervene`)."""
+
+    sae_id: str
+    label: str
+    sae_fpath: str
+    sae_sha256: str | None
+    sae_layer: int
+    sae_tokens: str
+    concepts_fpath: str
+    """The evaluation's `concept_candidates.csv`: each class's ranked latents."""
+    topk_fpath: str
+    """The top-k pass's `topk.npz`: firing frequencies (control) and percentile values (scale)."""
+    probe_fpath: str
+    probe: config.ProbeConfig
+    intervention: config.InterventionConfig
+    shards: str
+    """Hash of the held-out shard directory the probe is scored on."""
+    shards_dpath: str
+    model: dict
+    """family, ckpt and weights of the ViT that wrote the shards: run from the SAE's layer on
+    when the probe reads a later one."""
+    dataset: dict
+    """The held-out dataset (images for the ViT and the page)."""
+    classes: tuple[str, ...]
+    EXECUTION = ("sae_fpath", "concepts_fpath", "topk_fpath", "probe_fpath", "shards_dpath")

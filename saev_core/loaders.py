@@ -25,6 +25,9 @@ ORDERED_BLOCK_BYTES = 4 << 20
 """Ordered reads feed an SAE forward pass whose latents are exp_factor times larger: keep small."""
 BUFFER_VECTORS = 1 << 17
 """Vectors in a shuffle buffer: batches mix this many vectors from many random blocks."""
+POOLED = "mean"
+"""A token kind of the loaders only: one vector per image, the mean of its patch vectors
+(image probes)."""
 
 
 class Block(typing.NamedTuple):
@@ -36,7 +39,8 @@ class Block(typing.NamedTuple):
 
 
 class BlockReader:
-    """The shard directory as a list of blocks of whole images for one layer and token kind.
+    """The shard directory as a list of blocks of whole images for one layer and token kind
+    (`patches`, `cls`, `all`, or `POOLED`).
 
     Reads are plain `preadv` calls into caller-owned memory (no memory map: at terabyte scale
     every page would be a fresh page fault), one per block; when the layer and tokens are a
@@ -49,12 +53,14 @@ class BlockReader:
         self.layer = layer
         self.layer_i = md.layer_index(layer)
         self.imgs_per_shard = md.n_imgs_per_shard
-        self.tokens = reader.token_slice(tokens)
+        self.pool = tokens == POOLED
+        self.tokens = reader.token_slice("patches" if self.pool else tokens)
         self.d_vit = md.d_vit
-        self.n_tokens = len(range(md.n_tokens)[self.tokens])
+        n_read = len(range(md.n_tokens)[self.tokens])
+        self.n_tokens = 1 if self.pool else n_read
         self.img_shape = (len(md.layers), md.n_tokens, md.d_vit)
         self.img_nbytes = int(np.prod(self.img_shape)) * 4
-        self.contiguous = len(md.layers) == 1 and self.n_tokens == md.n_tokens
+        self.contiguous = len(md.layers) == 1 and n_read == md.n_tokens and not self.pool
         block_imgs = max(1, block_bytes // self.img_nbytes)
         self.blocks = [
             Block(shard_i, start, min(start + block_imgs, md.shard_n_imgs(shard_i)))
@@ -80,9 +86,10 @@ class BlockReader:
             raw = self._scratch[: n_imgs * self.img_nbytes]
             self._pread(block, raw)
             rows_NLTD = raw.view("<f4").reshape(n_imgs, *self.img_shape)
-            out_ND.reshape(n_imgs, self.n_tokens, self.d_vit)[:] = rows_NLTD[
-                :, self.layer_i, self.tokens
-            ]
+            picked_NTD = rows_NLTD[:, self.layer_i, self.tokens]
+            if self.pool:
+                picked_NTD = picked_NTD.mean(axis=1, keepdims=True)
+            out_ND.reshape(n_imgs, self.n_tokens, self.d_vit)[:] = picked_NTD
         if check:
             self.check_finite(block, out_ND)
 
@@ -122,6 +129,10 @@ class ShuffledLoader:
     batch) is carried into the next buffer, so one epoch delivers every vector exactly once.
     Deterministic for a seed: all SAEs of a group can share one instance's batches.
 
+    With `labels_NT` (one class per image and vector, e.g. `labels.bin`'s per-patch classes),
+    each batch comes as (x_BD, labels_B): the labels travel through the same buffers and
+    permutations as their vectors (blocks are whole images, so a block's labels are one slice).
+
     `state_dict()` after a batch and `load_state_dict()` on a fresh loader continue with exactly
     the next batch: the state is the random generator, epoch order and carried vectors at the
     start of the current buffer, plus how many of its batches were delivered.
@@ -145,8 +156,13 @@ class ShuffledLoader:
         block_bytes: int = BLOCK_BYTES,
         buffer_vectors: int = BUFFER_VECTORS,
         prefetch_buffers: int = 2,
+        labels_NT: np.ndarray | None = None,
     ):
         self.blocks = BlockReader(reader, layer, tokens, block_bytes)
+        expected = (reader.n_imgs, self.blocks.n_tokens)
+        if labels_NT is not None and tuple(labels_NT.shape) != expected:
+            raise ValueError(f"labels have shape {labels_NT.shape}, the vectors {expected}")
+        self.labels_NT = labels_NT
         if batch_size > self.blocks.n_vectors:
             raise ValueError(
                 f"batch_size {batch_size} exceeds the {self.blocks.n_vectors} vectors of layer "
@@ -174,8 +190,9 @@ class ShuffledLoader:
             raise ValueError("loader state comes from a different seed or batch size")
         self._resume_from = state
 
-    def __iter__(self) -> typing.Iterator[torch.Tensor]:
-        """Batches (B, D) float32; buffers are read and shuffled on a background thread."""
+    def __iter__(self) -> typing.Iterator:
+        """Batches (B, D) float32, or (x_BD, labels_B int64) with labels; buffers are read and
+        shuffled on a background thread."""
         start = self._resume_from
         skip = start["offset"] if start else 0
         n_done = start["step"] + skip if start else 0
@@ -190,12 +207,13 @@ class ShuffledLoader:
                 item = buffers.get()
                 if isinstance(item, BaseException):
                     raise item
-                buffer_ND, order_N, state = item
+                buffer_ND, order_N, state, labels_N = item
                 self._recent_blocks = (state["blocks"], self._recent_blocks[0])
                 for b in range(skip, len(order_N) // self.batch_size):
                     self.position = {**state, "offset": b + 1}
-                    lo = b * self.batch_size
-                    yield buffer_ND.index_select(0, order_N[lo : lo + self.batch_size])
+                    batch_B = order_N[b * self.batch_size : (b + 1) * self.batch_size]
+                    x_BD = buffer_ND.index_select(0, batch_B)
+                    yield x_BD if labels_N is None else (x_BD, labels_N.index_select(0, batch_B))
                     n_done += 1
                     if n_done == self.n_steps:
                         break
@@ -220,7 +238,7 @@ class ShuffledLoader:
             self.blocks.read_into(block, out_ND, check=True)
 
     def _fill(self, buffers: queue.Queue, stop: threading.Event, start: dict | None):
-        """Producer: (buffer, order, state) triples whose orders hold whole batches only."""
+        """Producer: (buffer, order, state, labels) whose orders hold whole batches only."""
         try:
             for item in self._buffers(start):
                 while not stop.is_set():
@@ -237,22 +255,24 @@ class ShuffledLoader:
     def _buffers(self, start: dict | None):
         D, B = self.blocks.d_vit, self.batch_size
         gen = torch.Generator()
+        with_labels = self.labels_NT is not None
         if start is None:
             gen.manual_seed(self.seed)
-            step, order, next_i, carry_ND = (
-                0,
-                torch.empty(0, dtype=torch.long),
-                0,
-                torch.empty(0, D),
-            )
+            step, order, next_i = 0, torch.empty(0, dtype=torch.long), 0
+            carry_ND, carry_N = torch.empty(0, D), torch.empty(0, dtype=torch.long)
         else:
             gen.set_state(start["gen"])
-            step, order, next_i, carry_ND = (start[k] for k in ("step", "order", "next_i", "carry"))
+            keys = ("step", "order", "next_i", "carry", "carry_labels")
+            step, order, next_i, carry_ND, carry_N = (start[k] for k in keys)
         # A ring of reused buffers (fresh memory would cost a page fault per 4 KiB). Slot k is
         # refilled only after the consumer took buffer k + 1 from the queue, so it is done with k.
         max_block = max(self.blocks.n_block_vectors(block) for block in self.blocks.blocks)
         capacity = self.buffer_vectors + max_block + B
         ring = [torch.empty(capacity, D) for _ in range(self.prefetch_buffers + 2)]
+        label_ring = [
+            torch.empty(capacity if with_labels else 0, dtype=torch.long)
+            for _ in range(self.prefetch_buffers + 2)
+        ]
         n_filled = 0
         while step < self.n_steps:
             state = {
@@ -261,6 +281,7 @@ class ShuffledLoader:
                 "order": order,
                 "next_i": next_i,
                 "carry": carry_ND,
+                "carry_labels": carry_N,
             }
             if next_i == len(order):  # a new epoch
                 order, next_i = torch.randperm(len(self.blocks.blocks), generator=gen), 0
@@ -272,17 +293,25 @@ class ShuffledLoader:
                 n_vectors += self.blocks.n_block_vectors(chosen[-1])
                 next_i += 1
             buffer_ND = ring[n_filled % len(ring)][:n_vectors]
+            labels_N = label_ring[n_filled % len(ring)][:n_vectors] if with_labels else None
             n_filled += 1
             buffer_ND[: len(carry_ND)] = carry_ND
+            if with_labels:
+                labels_N[: len(carry_N)] = carry_N
             lo = len(carry_ND)
             for block in chosen:
                 hi = lo + self.blocks.n_block_vectors(block)
                 self.blocks.read_into(block, buffer_ND[lo:hi].numpy(), check=False)
+                if with_labels:
+                    first = block.shard_i * self.blocks.imgs_per_shard + block.start
+                    rows = self.labels_NT[first : first + block.stop - block.start]
+                    labels_N[lo:hi] = torch.from_numpy(np.asarray(rows, dtype=np.int64).ravel())
                 lo = hi
             perm_N = torch.randperm(n_vectors, generator=gen)
             n_full = n_vectors // B * B
             carry_ND = buffer_ND[perm_N[n_full:]]
-            yield buffer_ND, perm_N[:n_full], {**state, "blocks": chosen_i}
+            carry_N = labels_N[perm_N[n_full:]] if with_labels else carry_N
+            yield buffer_ND, perm_N[:n_full], {**state, "blocks": chosen_i}, labels_N
             step += n_full // B
 
 

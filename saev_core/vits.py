@@ -220,20 +220,29 @@ def offline_unless_hub_reachable(timeout_s: float = 5.0):
         constants.HF_HUB_OFFLINE = True
 
 
-def make_recorder(vit: torch.nn.Module, layers: list[int]) -> Recorder:
-    """open_clip's own ViTs keep blocks in `transformer.resblocks` with [CLS] first; timm ViTs
-    (DINOv2, and SigLIP as open_clip's `trunk`) in `blocks`, with `num_prefix_tokens` [CLS] and
-    register tokens before the patches."""
+def residual_blocks(vit: torch.nn.Module) -> tuple[torch.nn.ModuleList, bool, int]:
+    """A ViT's residual blocks, whether it has [CLS], and its prefix tokens ([CLS] and registers,
+    before the patches). open_clip's own ViTs keep blocks in `transformer.resblocks` with [CLS]
+    first; timm ViTs (DINOv2, and SigLIP as open_clip's `trunk`) in `blocks`, with
+    `num_prefix_tokens` [CLS] and register tokens before the patches."""
     if hasattr(vit, "transformer"):
-        return Recorder(vit, vit.transformer.resblocks, layers, cls_token=True, n_prefix=1)
+        return vit.transformer.resblocks, True, 1
     timm_vit = vit.trunk if hasattr(vit, "trunk") else vit
-    return Recorder(
-        vit,
-        timm_vit.blocks,
-        layers,
-        cls_token=timm_vit.has_class_token,
-        n_prefix=timm_vit.num_prefix_tokens,
-    )
+    return timm_vit.blocks, timm_vit.has_class_token, timm_vit.num_prefix_tokens
+
+
+def make_recorder(vit: torch.nn.Module, layers: list[int]) -> Recorder:
+    blocks, cls_token, n_prefix = residual_blocks(vit)
+    return Recorder(vit, blocks, layers, cls_token=cls_token, n_prefix=n_prefix)
+
+
+def run_blocks(blocks: torch.nn.ModuleList, x_BTD: torch.Tensor, first: int, last: int):
+    """The residual stream after block `last`, from the stream after block `first` (indices
+    into `blocks`, `first` < `last`): the model run on from an edited layer. Vision blocks take
+    the stream alone (open_clip's attention mask is None for images)."""
+    for block in blocks[first + 1 : last + 1]:
+        x_BTD = block(x_BTD)
+    return x_BTD
 
 
 def load(

@@ -2,8 +2,10 @@
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -41,6 +43,25 @@ def run_snakemake(workdir: pathlib.Path, *args: str, **kwargs) -> subprocess.Com
         env=snakemake_env(),
         **kwargs,
     )
+
+
+def kill_once_started(argv: list[str], log_fpath: pathlib.Path):
+    """Run `argv` and SIGKILL its whole process group as soon as `log_fpath` exists (a job's
+    log appears when the job starts): event-driven, so it holds on a loaded machine."""
+    run = subprocess.Popen(
+        argv,
+        env=snakemake_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600  # catches a hang only
+    while not log_fpath.exists():
+        assert run.poll() is None, f"the run ended before {log_fpath.name} appeared"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
 
 
 def tiny_metadata(n_imgs: int = N_IMGS, **overrides) -> shards.Metadata:
@@ -129,6 +150,7 @@ def render_spec_fpath(
         layer=-1,
         dataset=dataset_cfg,
         render=config.build(config.RenderConfig, render_cfg),
+        interventions={},
     )
     fpath = dpath / "render-spec.json"
     fpath.write_text(job.to_json())

@@ -6,10 +6,12 @@ import json
 import os
 import pathlib
 import re
+import tempfile
 
 import pytest
 import yaml
 from conftest import run_snakemake
+from test_faults import image_folder
 
 from saev_core import checkpoints, jobs, sae
 from saev_core import config as saev_config
@@ -241,7 +243,7 @@ def test_a_replaced_external_sae_reruns_its_jobs_whatever_its_mtime(config, tmp_
         }
 
     before = external_identities()
-    assert len(before) == 3  # evaluate, top-k, render
+    assert len(before) == 5  # evaluate, top-k, render and the two interventions
     stat = fpath.stat()
     write_sae(seed=1)  # same size, other weights
     os.utime(fpath, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` leaves it
@@ -272,6 +274,12 @@ def other_width_val(c):
     c["activations"]["tiny-synthetic-val"]["model"] = "wide"
 
 
+def other_width_val_no_probes(c):
+    other_width_val(c)
+    c.pop("probes")
+    c["sweeps"]["tiny-synthetic"].pop("interventions")
+
+
 def model_edit(**changes):
     def edit(c):
         c["models"]["tiny"].update(changes)
@@ -286,7 +294,52 @@ def train_layers(layers):
     return edit
 
 
+def probe_edit(probe: str = "tiny-patch-L-1", **changes):
+    def edit(c):
+        c["probes"][probe].update(changes)
+
+    return edit
+
+
+def intervention_edit(i: int = 0, **changes):
+    def edit(c):
+        c["sweeps"]["tiny-synthetic"]["interventions"][i].update(changes)
+
+    return edit
+
+
+def photo_probe(c):
+    """A patch probe on a folder of photos, which has no masks."""
+    root = image_folder(pathlib.Path(tempfile.mkdtemp()) / "photos")
+    c["datasets"]["photos"] = {"kind": "image-folder", "root": str(root)}
+    c["activations"]["tiny-photos"] = {"model": "tiny", "dataset": "photos", "layers": [-1]}
+    c["probes"]["tiny-patch-L-1"] |= {
+        "train_activations": "tiny-photos",
+        "eval_activations": "tiny-photos",
+    }
+
+
 BAD_CONFIGS = {
+    "a patch probe on activations without labels.bin": (
+        photo_probe,
+        "probes.tiny-patch-L-1.train_activations: a patch probe needs per-patch labels "
+        "(labels.bin), and dataset 'photos' (image-folder) has no masks; use kind: image",
+    ),
+    "a probe layer the dump did not record": (
+        probe_edit(layer=-3),
+        "probes.tiny-patch-L-1.layer: layer -3 is not recorded by the train activations "
+        "(layers [-2, -1])",
+    ),
+    "an intervention naming a missing probe": (
+        intervention_edit(probe="tiny-patch-L-9"),
+        "sweeps.tiny-synthetic.interventions[0].probe: 'tiny-patch-L-9' is not defined; known: "
+        "['tiny-image-L-1', 'tiny-patch-L-1']",
+    ),
+    "an intervention naming a class that does not exist": (
+        intervention_edit(classes=["red circle", "purple hexagon"]),
+        "sweeps.tiny-synthetic.interventions[0].classes[1]: 'purple hexagon' is not a class of "
+        "probe 'tiny-patch-L-1'; its classes are ['background', 'red circle',",
+    ),
     "a layer beyond the model's depth": (
         train_layers([-2, 4]),
         "activations.tiny-synthetic-train.layers: layer 4 does not exist in tiny vit-tiny-p8-64, "
@@ -336,8 +389,12 @@ BAD_CONFIGS = {
         sweep_edit(train0={"lr": -0.001}),
         "sweeps.tiny-synthetic.train[0].lr: -0.001 is less than or equal to the minimum of 0",
     ),
-    "eval activations of another d_vit": (
+    "probe eval activations of another d_vit": (
         other_width_val,
+        "probes.tiny-image-L-1.eval_activations: 'tiny-synthetic-val' has d_vit 128",
+    ),
+    "eval activations of another d_vit": (
+        other_width_val_no_probes,
         "sweeps.tiny-synthetic.eval_activations: 'tiny-synthetic-val' has d_vit 128",
     ),
     "too many SAEs per group": (
@@ -376,6 +433,10 @@ CONFIG_DEFAULTS = {
     f"{SWEEP}/render/properties": saev_config.defaults(saev_config.RenderConfig),
     f"{SWEEP}/saes/items/properties": SAE_AND_TRAIN,
     f"{SWEEP}/external_saes/items/properties": saev_config.defaults(saev_config.ExternalSaeConfig),
+    f"{SWEEP}/interventions/items/properties": saev_config.defaults(saev_config.InterventionConfig),
+    "properties/probes/additionalProperties/properties": saev_config.defaults(
+        saev_config.ProbeConfig
+    ),
     "$defs/train/properties": SAE_AND_TRAIN,
 }
 """Schema location of a `properties` table -> the defaults of the config class it fills."""
@@ -443,6 +504,8 @@ def test_every_job_command_is_its_spec_file_outputs_and_device(tmp_path):
         "render",
         "summarize",
         "export",
+        "probe",
+        "intervene",
     }
     for command in commands:
         flags = set(re.findall(r"(--[a-z-]+)", command.split(" > ")[0]))

@@ -2,18 +2,15 @@
 starts from a copy of one finished run (two TopK SAEs on four photos) and asserts what the next
 `snakemake` plans and leaves on disk."""
 
-import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
-from conftest import snakemake_argv, snakemake_env
+from conftest import kill_once_started, snakemake_argv, snakemake_env
 from test_faults import folder_config, image_folder
 
 from saev_core.planning import config_files, keep, plan, stale
@@ -205,20 +202,7 @@ def test_a_kill_during_publish_costs_only_the_publish(workdir):
     argv = snakemake_argv(
         workdir, "--configfile", str(workdir / "experiments.yaml"), "--cores", "2", "all"
     )
-    run = subprocess.Popen(
-        argv,
-        env=snakemake_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 600  # catches a hang only
-    while not log_fpath.exists():
-        assert run.poll() is None, "the run ended before publishing"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    kill_once_started(argv, log_fpath)
     assert snakemake(workdir, "--unlock").returncode == 0
     counts = job_counts(workdir, "--rerun-incomplete")
     assert set(counts) <= {"publish_activations", "shards_published"}, counts  # no training

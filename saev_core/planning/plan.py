@@ -116,6 +116,8 @@ class Sweep:
     external SAEs are labelled by their name."""
     externals: dict[str, config.ExternalSaeConfig]
     """Id -> an existing SAE evaluated and browsed like the trained ones."""
+    interventions: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """Intervention name -> the SAEs that run it (those at or before its probe's layer)."""
 
     @property
     def sae_ids(self) -> list[str]:
@@ -133,10 +135,29 @@ class Sweep:
             return self.externals[sae_id].fpath
         return f"{group_dpath(self.name, self.sae_group[sae_id])}/{sae_id}/sae.pt"
 
+    def sae_sha256(self, sae_id: str) -> str | None:
+        """An external SAE file's SHA-256 (a replaced file reruns its jobs whatever its mtime);
+        None for the SAEs this workflow writes, exports included."""
+        fpath = self.sae_fpath(sae_id)
+        if sae_id in self.externals and not fpath.startswith(f"{RESULTS_DPATH}/exports/"):
+            return weights.file_sha256(fpath)
+        return None
+
     @property
     def slugs(self) -> dict[str, str]:
         """File-name form of each trained SAE's label (`L-1-topk-k=16-x8`) -> its id."""
         return {labels.export_slug(self.labels[sae_id]): sae_id for sae_id in self.saes}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedProbe:
+    """One probe of the `probes` table, resolved."""
+
+    cfg: config.ProbeConfig
+    train_shards: str
+    eval_shards: str
+    classes: tuple[str, ...]
+    """What the probe predicts: the mask classes (patch) or the image targets' names (image)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +171,7 @@ class Plan:
     sweeps: dict[str, Sweep]
     specs: dict[str, jobs.Job]
     """Spec file path -> the job of one rule and wildcard (see `job_specs`)."""
+    probes: dict[str, PlannedProbe] = dataclasses.field(default_factory=dict)
 
 
 def dataset_spec_fpath(dataset: str) -> str:
@@ -173,11 +195,28 @@ def summary_spec_fpath(sweep: str) -> str:
     return f"{SPECS_DPATH}/sweeps/{sweep}/summary.json"
 
 
+def probe_spec_fpath(probe: str) -> str:
+    return f"{SPECS_DPATH}/probes/{probe}.json"
+
+
+def intervention_spec_fpath(sweep: str, intervention: str, sae_id: str) -> str:
+    return sweep_spec_fpath(sweep, f"interventions/{intervention}", sae_id)
+
+
+def probe_dpath(probe: str) -> str:
+    return f"{RESULTS_DPATH}/probes/{probe}"
+
+
+def intervention_dpath(sweep: str, sae_id: str, intervention: str) -> str:
+    return f"{RESULTS_DPATH}/{sweep}/saes/{sae_id}/interventions/{intervention}"
+
+
 def job_specs(
     workflow: config.WorkflowConfig,
     dataset_cfgs: dict[str, dict],
     shard_jobs: dict[str, ShardJob],
     sweeps: dict[str, Sweep],
+    planned_probes: dict[str, PlannedProbe],
 ) -> dict[str, jobs.Job]:
     """Every rule's job, keyed by its spec file's path."""
     root = workflow.shards_dpath.rstrip("/")
@@ -206,8 +245,60 @@ def job_specs(
             shards_dpath=f"{root}/{shards_hash}",
             n_workers=act.n_workers,
         )
+    for name, probe in planned_probes.items():
+        out[probe_spec_fpath(name)] = jobs.ProbeJob(
+            name=name,
+            probe=probe.cfg,
+            train_shards=probe.train_shards,
+            eval_shards=probe.eval_shards,
+            train_shards_dpath=f"{root}/{probe.train_shards}",
+            eval_shards_dpath=f"{root}/{probe.eval_shards}",
+            train_dataset=shard_jobs[probe.train_shards].dataset_cfg,
+            eval_dataset=shard_jobs[probe.eval_shards].dataset_cfg,
+            classes=probe.classes,
+        )
     for sweep in sweeps.values():
         out |= sweep_jobs(sweep, shard_jobs, root)
+        out |= intervention_jobs(sweep, shard_jobs, planned_probes, root)
+    return out
+
+
+def intervention_jobs(
+    sweep: Sweep,
+    shard_jobs: dict[str, ShardJob],
+    planned_probes: dict[str, PlannedProbe],
+    root: str,
+) -> dict[str, jobs.Job]:
+    """One job per intervention and SAE that runs it."""
+    out: dict[str, jobs.Job] = {}
+    by_name = {i.name: i for i in sweep.cfg.interventions}
+    for name, sae_ids in sweep.interventions.items():
+        intervention = by_name[name]
+        probe = planned_probes[intervention.probe]
+        shard_job = shard_jobs[probe.eval_shards]
+        md = shard_job.metadata
+        model = {"family": md.vit_family, "ckpt": md.vit_ckpt, "weights": shard_job.weights}
+        for sae_id in sae_ids:
+            layer, tokens = sweep.layer_tokens(sae_id)
+            sae_dpath = f"{RESULTS_DPATH}/{sweep.name}/saes/{sae_id}"
+            out[intervention_spec_fpath(sweep.name, name, sae_id)] = jobs.InterveneJob(
+                sae_id=sae_id,
+                label=sweep.labels[sae_id],
+                sae_fpath=sweep.sae_fpath(sae_id),
+                sae_sha256=sweep.sae_sha256(sae_id),
+                sae_layer=layer,
+                sae_tokens=tokens,
+                concepts_fpath=f"{sae_dpath}/concept_candidates.csv",
+                topk_fpath=f"{sae_dpath}/topk.npz",
+                probe_fpath=f"{probe_dpath(intervention.probe)}/probe.pt",
+                probe=probe.cfg,
+                intervention=intervention,
+                shards=probe.eval_shards,
+                shards_dpath=f"{root}/{probe.eval_shards}",
+                model=model,
+                dataset=shard_job.dataset_cfg,
+                classes=probe.classes,
+            )
     return out
 
 
@@ -228,9 +319,7 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
     for sae_id in sweep.sae_ids:
         layer, tokens = sweep.layer_tokens(sae_id)
         sae_fpath, sae_dpath = sweep.sae_fpath(sae_id), f"{RESULTS_DPATH}/{name}/saes/{sae_id}"
-        sae_sha256 = None
-        if sae_id in sweep.externals and not sae_fpath.startswith(f"{RESULTS_DPATH}/exports/"):
-            sae_sha256 = weights.file_sha256(sae_fpath)
+        sae_sha256 = sweep.sae_sha256(sae_id)
         out[sweep_spec_fpath(name, "evaluate", sae_id)] = jobs.EvaluateJob(
             sae_fpath=sae_fpath,
             sae_sha256=sae_sha256,
@@ -262,6 +351,11 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
             layer=layer,
             dataset=shard_jobs[train_shards].dataset_cfg,
             render=sweep.cfg.render,
+            interventions={
+                intervention: intervention_dpath(name, sae_id, intervention)
+                for intervention, sae_ids in sweep.interventions.items()
+                if sae_id in sae_ids
+            },
         )
     for slug, sae_id in sweep.slugs.items():
         out[sweep_spec_fpath(name, "export", slug)] = jobs.ExportJob(
@@ -407,11 +501,18 @@ def plan_sweep(
     activations: dict,
     shard_jobs: dict,
     recorded: dict[str, RecordedGroup] | None = None,
+    planned_probes: dict[str, PlannedProbe] | None = None,
 ) -> Sweep:
     """One sweep: its settings, its SAEs (id -> configuration), their groups and labels;
     `recorded` (`recorded_groups`) are the groups earlier runs trained."""
     sweep_cfg = sweep_settings(name, cfg)
-    train_shards, eval_shards = sweep_shards(name, sweep_cfg, activations, shard_jobs)
+    train_shards, eval_shards = train_eval_shards(
+        f"sweeps.{name}",
+        sweep_cfg.train_activations,
+        sweep_cfg.eval_activations,
+        activations,
+        shard_jobs,
+    )
     train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
     saes, specs = sweep_saes(name, cfg, train_shards, train_md, eval_md)
     check_include_latents(name, sweep_cfg.render, {s: spec.sae.d_sae for s, spec in specs.items()})
@@ -421,6 +522,11 @@ def plan_sweep(
     sae_labels = labels.sae_labels(saes)
     externals = external_saes(name, sweep_cfg, train_shards, (train_md, eval_md), sae_labels)
     sae_labels |= {sae_id: external.name for sae_id, external in externals.items()}
+    layers = {s: spec.train.layer for s, spec in specs.items()}
+    layers |= {s: external.layer for s, external in externals.items()}
+    interventions = plan_interventions(
+        name, sweep_cfg, train_md, layers, planned_probes or {}, shard_jobs
+    )
     return Sweep(
         name=name,
         cfg=sweep_cfg,
@@ -434,7 +540,130 @@ def plan_sweep(
         sae_group=sae_group,
         labels=sae_labels,
         externals=externals,
+        interventions=interventions,
     )
+
+
+def block_index(layer: int, n_blocks: int | None) -> int:
+    """A layer as a block index from the start (negative layers count from the end); without a
+    known depth, layers compare as given."""
+    return layer % n_blocks if n_blocks is not None else layer
+
+
+def plan_interventions(
+    name: str,
+    sweep_cfg: config.SweepConfig,
+    train_md: shards.Metadata,
+    layers: dict[str, int],
+    planned_probes: dict[str, PlannedProbe],
+    shard_jobs: dict[str, ShardJob],
+) -> dict[str, tuple[str, ...]]:
+    """Intervention name -> the SAEs that run it: those at or before the probe's layer. The
+    probe must exist, read the sweep's model, and know every class the intervention names."""
+    out = {}
+    for i, intervention in enumerate(sweep_cfg.interventions):
+        where = f"sweeps.{name}.interventions[{i}]"
+        if intervention.name in out:
+            raise PlanError(f"{where}.name: {intervention.name!r} names two interventions")
+        probe = lookup(planned_probes, intervention.probe, f"{where}.probe")
+        probe_md = shard_jobs[probe.eval_shards].metadata
+        if model_of(probe_md) != model_of(train_md):
+            raise PlanError(
+                f"{where}.probe: probe {intervention.probe!r} reads {':'.join(model_of(probe_md))}"
+                f" activations, the sweep's SAEs {':'.join(model_of(train_md))}"
+            )
+        for c, class_name in enumerate(intervention.classes):
+            if class_name not in probe.classes:
+                raise PlanError(
+                    f"{where}.classes[{c}]: {class_name!r} is not a class of probe "
+                    f"{intervention.probe!r}; its classes are {list(probe.classes)}"
+                )
+        try:
+            n_blocks = architectures.depth(train_md.vit_family, model_of(train_md)[1].split("@")[0])
+        except architectures.ArchitectureError:
+            n_blocks = None
+        probe_block = block_index(probe.cfg.layer, n_blocks)
+        sae_ids = tuple(
+            s for s in sorted(layers) if block_index(layers[s], n_blocks) <= probe_block
+        )
+        if not sae_ids:
+            raise PlanError(
+                f"{where}.probe: probe {intervention.probe!r} reads layer {probe.cfg.layer}, "
+                f"before every SAE of the sweep (layers {sorted(set(layers.values()))}): an edit "
+                "there cannot reach it"
+            )
+        out[intervention.name] = sae_ids
+    return out
+
+
+def model_of(md: shards.Metadata) -> tuple[str, str]:
+    """The ViT that wrote a dump, as family and checkpoint (bf16 autocast: the same model)."""
+    return md.vit_family, md.vit_ckpt.removesuffix(shards.BF16_SUFFIX)
+
+
+def probe_classes(kind: str, dataset_cfg: dict, where: str) -> tuple[str, ...]:
+    """What a probe predicts, known at plan time: mask classes or image-target names."""
+    from ..steps.synthetic import CONCEPTS
+
+    ds_kind = dataset_cfg["kind"]
+    if ds_kind == "synthetic":
+        return CONCEPTS
+    if kind == "patch" and ds_kind == "ade20k":
+        return tuple(datasets.ade20k_class_names(pathlib.Path(dataset_cfg["root"])))
+    if kind == "image" and ds_kind == "image-folder":
+        try:
+            return tuple(datasets.class_folders(pathlib.Path(dataset_cfg["root"])))
+        except OSError as err:
+            raise PlanError(f"{where}: cannot list the class folders: {err}") from None
+    raise PlanError(
+        f"{where}: {kind} probes on {ds_kind} datasets are not supported; patch probes need "
+        "masks (synthetic, ade20k), image probes class folders (synthetic, image-folder)"
+    )
+
+
+def plan_probes(
+    probes_cfg: dict, activations: dict[str, str], shard_jobs: dict[str, ShardJob]
+) -> dict[str, PlannedProbe]:
+    """Every probe, typed and checked against the activations it reads."""
+    out = {}
+    for name, values in probes_cfg.items():
+        where = f"probes.{name}"
+        cfg = typed(config.ProbeConfig, values, where)
+        train_shards, eval_shards = train_eval_shards(
+            where, cfg.train_activations, cfg.eval_activations, activations, shard_jobs
+        )
+        train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
+        check_layer(cfg.layer, where, train_md, eval_md)
+        for md, which in ((train_md, "train_activations"), (eval_md, "eval_activations")):
+            if cfg.kind == "patch" and md.protocol != shards.PROTOCOL_WITH_LABELS:
+                dataset = shard_jobs[train_shards if which == "train_activations" else eval_shards]
+                raise PlanError(
+                    f"{where}.{which}: a patch probe needs per-patch labels (labels.bin), and "
+                    f"dataset {dataset.dataset!r} ({dataset.dataset_cfg['kind']}) has no masks; "
+                    "use kind: image"
+                )
+            if cfg.tokens == "cls" and not md.cls_token:
+                raise PlanError(f"{where}.pooling: the model has no [CLS] token; use mean")
+        classes = probe_classes(cfg.kind, shard_jobs[train_shards].dataset_cfg, where)
+        if cfg.kind == "image":
+            eval_classes = probe_classes(cfg.kind, shard_jobs[eval_shards].dataset_cfg, where)
+            if eval_classes != classes:
+                raise PlanError(
+                    f"{where}.eval_activations: its classes {list(eval_classes)[:5]}... differ "
+                    f"from the training images' {list(classes)[:5]}..."
+                )
+        for c in cfg.ignore_labels:
+            if not 0 <= c < len(classes):
+                raise PlanError(
+                    f"{where}.ignore_labels: {c} is not a class id (0..{len(classes) - 1})"
+                )
+        n_available = n_vectors(train_md, "patches") if cfg.kind == "patch" else train_md.n_imgs
+        if cfg.batch_size > n_available:
+            raise PlanError(
+                f"{where}.batch_size: {cfg.batch_size} exceeds the {n_available} training vectors"
+            )
+        out[name] = PlannedProbe(cfg, train_shards, eval_shards, classes)
+    return out
 
 
 def sweep_settings(name: str, cfg: dict) -> config.SweepConfig:
@@ -445,24 +674,25 @@ def sweep_settings(name: str, cfg: dict) -> config.SweepConfig:
         typed(config.ExternalSaeConfig, entry, f"sweeps.{name}.external_saes[{i}]")
         for i, entry in enumerate(settings.get("external_saes", []))
     )
+    interventions = tuple(
+        typed(config.InterventionConfig, entry, f"sweeps.{name}.interventions[{i}]")
+        for i, entry in enumerate(settings.get("interventions", []))
+    )
     values = {**settings, "render": render, "external_saes": externals}
+    values["interventions"] = interventions
     return typed(config.SweepConfig, values, f"sweeps.{name}")
 
 
-def sweep_shards(
-    name: str, sweep_cfg: config.SweepConfig, activations: dict, shard_jobs: dict
+def train_eval_shards(
+    where: str, train_name: str, eval_name: str | None, activations: dict, shard_jobs: dict
 ) -> tuple[str, str]:
-    """The training and held-out shard hashes, checked to come from one model of one width."""
-    where = f"sweeps.{name}"
-    train_shards = lookup(activations, sweep_cfg.train_activations, f"{where}.train_activations")
-    eval_name = sweep_cfg.eval_activations or sweep_cfg.train_activations
+    """The training and held-out shard hashes of a sweep or probe (`where`), checked to come
+    from one model of one width; no held-out activations: the training ones."""
+    train_shards = lookup(activations, train_name, f"{where}.train_activations")
+    eval_name = eval_name or train_name
     eval_shards = lookup(activations, eval_name, f"{where}.eval_activations")
     train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
-
-    def model(md: shards.Metadata) -> tuple[str, str]:  # bf16 autocast: the same model
-        return md.vit_family, md.vit_ckpt.removesuffix(shards.BF16_SUFFIX)
-
-    if model(train_md) != model(eval_md):
+    if model_of(train_md) != model_of(eval_md):
         raise PlanError(
             f"{where}.eval_activations: train and eval activations come from different models"
         )
@@ -663,9 +893,15 @@ def make_plan(config_dct: dict, rescan: bool = True, workdir: pathlib.Path | Non
                 weights=config_dct["models"][spec.model].get("weights"),
             ),
         )
+    planned_probes = plan_probes(config_dct.get("probes", {}), activations, shard_jobs)
     sweeps = {
         name: plan_sweep(
-            name, cfg, activations, shard_jobs, recorded_groups(workdir, name) if workdir else {}
+            name,
+            cfg,
+            activations,
+            shard_jobs,
+            recorded_groups(workdir, name) if workdir else {},
+            planned_probes,
         )
         for name, cfg in config_dct["sweeps"].items()
     }
@@ -676,7 +912,8 @@ def make_plan(config_dct: dict, rescan: bool = True, workdir: pathlib.Path | Non
         activations=activations,
         shard_jobs=shard_jobs,
         sweeps=sweeps,
-        specs=job_specs(workflow, dataset_cfgs, shard_jobs, sweeps),
+        specs=job_specs(workflow, dataset_cfgs, shard_jobs, sweeps, planned_probes),
+        probes=planned_probes,
     )
 
 

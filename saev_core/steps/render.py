@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None):
         note=browser.random_weights_note(md.vit_family),
         patches_per_side=int(round(math.sqrt(md.n_patches_per_img))),
         concepts=concepts,
+        edits=browser.read_edits(job.interventions),
     )
     browser.write(args.out_dpath / "index.html", data, images_dpath=None)
     browser.write(args.browser_fpath, data, images_dpath=args.out_dpath)

@@ -76,6 +76,11 @@ EXPORT = step_job(
     "export", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "export", wc.slug)
 )
 SUMMARIZE = step_job("summarize", lambda wc: saev_plan.summary_spec_fpath(wc.sweep))
+PROBE = step_job("probe", lambda wc: saev_plan.probe_spec_fpath(wc.probe))
+INTERVENE = step_job(
+    "intervene",
+    lambda wc: saev_plan.intervention_spec_fpath(wc.sweep, wc.intervention, wc.sae),
+)
 
 
 # Tiny steps run where Snakemake runs, never as cluster jobs.
@@ -93,6 +98,8 @@ wildcard_constraints:
     group=r"layer-?\d+-[0-9a-f]{8}",
     sae="[0-9a-f]{10}",
     slug=r"[A-Za-z0-9_.=+-]+",
+    probe="[A-Za-z0-9_.-]+",
+    intervention="[A-Za-z0-9_.-]+",
     part=r"\d+",
     n_parts=r"\d+",
 
@@ -141,6 +148,15 @@ def get_sae_input(wildcards):
     return sae_input(wildcards.sweep, wildcards.sae)
 
 
+def intervention_probe(wildcards):
+    """The probe an intervention of a sweep measures with."""
+    sweep = PLAN.sweeps[wildcards.sweep]
+    (intervention,) = [
+        i for i in sweep.cfg.interventions if i.name == wildcards.intervention
+    ]
+    return intervention.probe
+
+
 def get_report_labels(view):
     """Report labels of one SAE's item: its readable label, its id and what the item shows."""
 
@@ -155,7 +171,25 @@ def get_all_outputs():
     # Every shard directory's own completion marker: a purged or damaged directory (see
     # reruns.heal_shard_directories) is dumped and published again.
     outputs = [f"{shards_dpath(h)}/shards.json" for h in PLAN.shard_jobs]
+    for probe in PLAN.probes:
+        outputs += [
+            f"results/probes/{probe}/{fname}"
+            for fname in ("probe.pt", "metrics.csv", "hparams.png", jobs.PROBE_FNAME)
+        ]
     for name, sweep in PLAN.sweeps.items():
+        for intervention, sae_ids in sweep.interventions.items():
+            for sae_id in sae_ids:
+                dpath = saev_plan.intervention_dpath(name, sae_id, intervention)
+                outputs += [
+                    f"{dpath}/{fname}"
+                    for fname in (
+                        "class_latents.csv",
+                        "effects.csv",
+                        "effects.png",
+                        "interventions.html",
+                        jobs.INTERVENTION_FNAME,
+                    )
+                ]
         outputs += [f"results/{name}/summary.csv", f"results/{name}/pareto.png"]
         # A group whose rerun failed shows as still to train (saev_core.planning.keep keeps
         # its previous SAEs instead), never as a hidden retrain the next downstream change needs.

@@ -30,6 +30,13 @@ rule render_features:
         concepts="results/{sweep}/saes/{sae}/concept_candidates.csv",
         shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
         dataset=lambda wc: get_dataset_input(PLAN.sweeps[wc.sweep].dataset),
+        # Latent pages say what editing them did.
+        interventions=lambda wc: [
+            f"{dpath}/{jobs.INTERVENTION_FNAME}"
+            for dpath in PLAN.specs[
+                saev_plan.sweep_spec_fpath(wc.sweep, "render", wc.sae)
+            ].interventions.values()
+        ],
     output:
         browser_dpath=directory("results/{sweep}/saes/{sae}/features"),
         # One file with the images inlined: a plain HTML report can hold it, a directory not.
