@@ -546,6 +546,12 @@ class SparseAutoencoder(torch.nn.Module):
         )
         return x_hat_BD.reshape(*f_x_BF.shape[:-1], x_hat_BD.shape[-1])
 
+    def decode_change(self, latents: list[int], delta_NU: torch.Tensor) -> torch.Tensor:
+        """decode(f + delta) - decode(f) when only `latents` change by `delta_NU`: decoding is
+        affine, so this is their decoder rows alone (an edit of a few latents costs nothing
+        like a full decode)."""
+        return delta_NU @ self.W_dec[latents] / self.stack.x_scale[0]
+
     def forward(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f_x_BF = self.encode(x_BD)
         return self.decode(f_x_BF), f_x_BF

@@ -95,19 +95,24 @@ def test_control_latents_are_of_similar_frequency_and_never_proposed():
 
 def test_the_edit_keeps_the_reconstruction_error():
     """x' - x is exactly the decoded change of the edited latents; an edit that changes nothing
-    returns x itself (the SAE's error is not lost)."""
+    returns x itself (the SAE's error is not lost). Checked against full decodes, on an SAE that
+    normalises its inputs (decoding divides by its scale and adds its mean)."""
     torch.manual_seed(0)
-    model = sae.SparseAutoencoder(config.SaeConfig(d_vit=16, exp_factor=4, activation="topk", k=8))
+    cfg = config.SaeConfig(d_vit=16, exp_factor=4, activation="topk", k=8, normalize=True)
+    model = sae.SparseAutoencoder(cfg)
+    with torch.no_grad():
+        model.stack.x_scale.fill_(0.5)
+        model.stack.x_mean.normal_()
     x_ND = torch.randn(4, 16)  # 4 x k=8 firings: some of the 64 latents stay silent
     f_NF = model.encode(x_ND)
-    decoded_ND = model.decode(f_NF)
     latents = [int(f_NF.sum(0).argmax())]
     cond = intervene.Condition(1, 0.0, False, latents, torch.zeros(1))
-    x2_ND = intervene.edit(model, x_ND, f_NF, decoded_ND, cond)
-    expected_ND = -f_NF[:, latents] @ model.W_dec[latents]
-    torch.testing.assert_close(x2_ND - x_ND, expected_ND, rtol=1e-4, atol=1e-5)
+    f2_NF = f_NF.clone()
+    f2_NF[:, latents] = 0
+    expected_ND = x_ND + model.decode(f2_NF) - model.decode(f_NF)
+    torch.testing.assert_close(intervene.edit(model, x_ND, f_NF, cond), expected_ND)
     (silent, *_) = (f_NF.sum(0) == 0).nonzero().flatten().tolist()
-    unchanged_ND = intervene.edit(model, x_ND, f_NF, decoded_ND, cond._replace(latents=[silent]))
+    unchanged_ND = intervene.edit(model, x_ND, f_NF, cond._replace(latents=[silent]))
     torch.testing.assert_close(unchanged_ND, x_ND)
 
 
@@ -157,3 +162,17 @@ def test_image_probe_reads_targets(shards_dpath, dataset_cfg, tmp_path):
     assert "recall/red circle" in row and "mean_iou" not in row
     # 48 images, 6 target classes: chance is about 1/6.
     assert row["accuracy"] > 0.4
+
+
+def test_an_edit_must_be_able_to_reach_the_probe():
+    """Earlier blocks reach any probe (the ViT runs on); at the probe's own block, patch edits
+    reach patch and mean-pooled probes but never its [CLS]; later blocks reach nothing."""
+    from saev_core.planning import plan
+
+    cls_probe = config.ProbeConfig(kind="image", train_activations="t", layer=-1, pooling="cls")
+    patch_probe = config.ProbeConfig(kind="patch", train_activations="t", layer=-1)
+    assert plan.reaches(2, "patches", 3, cls_probe)
+    assert not plan.reaches(3, "patches", 3, cls_probe)
+    assert plan.reaches(3, "cls", 3, cls_probe)
+    assert plan.reaches(3, "patches", 3, patch_probe)
+    assert not plan.reaches(3, "patches", 2, patch_probe)

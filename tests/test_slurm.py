@@ -25,7 +25,7 @@ from saev_core.steps import train
 
 REPO = pathlib.Path(__file__).parent.parent
 KIT = os.environ.get("SAEV_SLURM_KIT")
-GPU_RULES = {"dump_activations", "train_group", "topk_images"}
+GPU_RULES = {"dump_activations", "train_group", "topk_images", "train_probe", "intervene"}
 RUN_TIMEOUT_S = 1200
 
 pytestmark = pytest.mark.skipif(not KIT, reason="set SAEV_SLURM_KIT to the Slurm test kit folder")
@@ -114,6 +114,8 @@ def test_embedded_default_on_slurm(cluster, tmp_path):
     config_fpath = tmp_path / "config" / "experiments.yaml"
     config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
     config["sweeps"]["tiny-synthetic"]["checkpoint_every"] = 10  # execution only: ids unchanged
+    # One intervention (15 jobs) shows where they run; the second would only add queue time.
+    del config["sweeps"]["tiny-synthetic"]["interventions"][1:]
     config_fpath.write_text(yaml.safe_dump(config))
 
     recorder = JobRecorder(tmp_path)

@@ -522,10 +522,10 @@ def plan_sweep(
     sae_labels = labels.sae_labels(saes)
     externals = external_saes(name, sweep_cfg, train_shards, (train_md, eval_md), sae_labels)
     sae_labels |= {sae_id: external.name for sae_id, external in externals.items()}
-    layers = {s: spec.train.layer for s, spec in specs.items()}
-    layers |= {s: external.layer for s, external in externals.items()}
+    reads = {s: (spec.train.layer, spec.train.tokens) for s, spec in specs.items()}
+    reads |= {s: (external.layer, external.tokens) for s, external in externals.items()}
     interventions = plan_interventions(
-        name, sweep_cfg, train_md, layers, planned_probes or {}, shard_jobs
+        name, sweep_cfg, train_md, reads, planned_probes or {}, shard_jobs
     )
     return Sweep(
         name=name,
@@ -554,12 +554,13 @@ def plan_interventions(
     name: str,
     sweep_cfg: config.SweepConfig,
     train_md: shards.Metadata,
-    layers: dict[str, int],
+    reads: dict[str, tuple[int, str]],
     planned_probes: dict[str, PlannedProbe],
     shard_jobs: dict[str, ShardJob],
 ) -> dict[str, tuple[str, ...]]:
-    """Intervention name -> the SAEs that run it: those at or before the probe's layer. The
-    probe must exist, read the sweep's model, and know every class the intervention names."""
+    """Intervention name -> the SAEs that run it: those whose edit can reach the probe (`reads`:
+    SAE id -> layer and token kind). The probe must exist, read the sweep's model, and know
+    every class the intervention names."""
     out = {}
     for i, intervention in enumerate(sweep_cfg.interventions):
         where = f"sweeps.{name}.interventions[{i}]"
@@ -584,16 +585,27 @@ def plan_interventions(
             n_blocks = None
         probe_block = block_index(probe.cfg.layer, n_blocks)
         sae_ids = tuple(
-            s for s in sorted(layers) if block_index(layers[s], n_blocks) <= probe_block
+            s
+            for s in sorted(reads)
+            if reaches(block_index(reads[s][0], n_blocks), reads[s][1], probe_block, probe.cfg)
         )
         if not sae_ids:
             raise PlanError(
-                f"{where}.probe: probe {intervention.probe!r} reads layer {probe.cfg.layer}, "
-                f"before every SAE of the sweep (layers {sorted(set(layers.values()))}): an edit "
-                "there cannot reach it"
+                f"{where}.probe: probe {intervention.probe!r} reads {probe.cfg.tokens} at layer "
+                f"{probe.cfg.layer}, where no SAE of the sweep (layers "
+                f"{sorted({layer for layer, _ in reads.values()})}) can reach it: an SAE must "
+                "read an earlier layer, or the probe's layer and tokens"
             )
         out[intervention.name] = sae_ids
     return out
+
+
+def reaches(block: int, tokens: str, probe_block: int, probe: config.ProbeConfig) -> bool:
+    """An SAE's edit reaches a probe from an earlier block, or at the probe's block from tokens
+    the probe reads (patch edits never change that block's [CLS])."""
+    if block == probe_block and probe.tokens == "cls":
+        return tokens != "patches"
+    return block <= probe_block
 
 
 def model_of(md: shards.Metadata) -> tuple[str, str]:

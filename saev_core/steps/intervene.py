@@ -114,11 +114,10 @@ def conditions(
     return out
 
 
-def edit(model: sae.SparseAutoencoder, x_ND: torch.Tensor, f_NF, decoded_ND, cond: Condition):
+def edit(model: sae.SparseAutoencoder, x_ND: torch.Tensor, f_NF: torch.Tensor, cond: Condition):
     """x + decode(f') - decode(f): the latents changed, the reconstruction error kept."""
-    f2_NF = f_NF.clone()
-    f2_NF[:, cond.latents] = cond.values_U.to(f_NF.device)
-    return x_ND + model.decode(f2_NF) - decoded_ND
+    delta_NU = cond.values_U.to(f_NF.device) - f_NF[:, cond.latents]
+    return x_ND + model.decode_change(cond.latents, delta_NU)
 
 
 class Stream(typing.NamedTuple):
@@ -234,7 +233,6 @@ def measure(job: jobs.InterveneJob, model, probe: probes.Probe, conds: list[Cond
         here = [i for i in range(start, start + n_imgs) if i in wanted]
         x_MD = x_NTD[:, stream.positions].reshape(-1, x_NTD.shape[-1])
         f_MF = model.encode(x_MD)
-        decoded_MD = model.decode(f_MF)
 
         at_probe_NTD, pred_N = predict(stream, probe, x_NTD, x_MD, has_cls)
         if chunk_i == 0 and not same_layer:
@@ -242,7 +240,7 @@ def measure(job: jobs.InterveneJob, model, probe: probes.Probe, conds: list[Cond
         before_CC += probes.confusion(y_N[keep_N], pred_N[keep_N], n_classes).cpu().numpy()
         record(maps, ("before",), pred_N, here, start, n_imgs)
         for i, cond in enumerate(conds):
-            edited_MD = edit(model, x_MD, f_MF, decoded_MD, cond)
+            edited_MD = edit(model, x_MD, f_MF, cond)
             _, pred_N = predict(stream, probe, x_NTD, edited_MD, has_cls)
             conf[i] += probes.confusion(y_N[keep_N], pred_N[keep_N], n_classes).cpu().numpy()
             record(maps, (cond.cls, cond.scale, cond.control), pred_N, here, start, n_imgs)
