@@ -165,7 +165,7 @@ def plot_grid(rows: list[dict], kind: str, title: str, out_fpath: pathlib.Path):
     ax.scatter([best["lr"]], [best[metric]], s=160, facecolors="none", edgecolors="black")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"held-out {metric.replace('_', ' ')}")
+    ax.set_ylabel("held-out mean IoU" if metric == "mean_iou" else "held-out accuracy")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.savefig(out_fpath, dpi=110, format="png")
