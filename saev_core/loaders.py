@@ -262,8 +262,9 @@ class ShuffledLoader:
             carry_ND, carry_N = torch.empty(0, D), torch.empty(0, dtype=torch.long)
         else:
             gen.set_state(start["gen"])
-            keys = ("step", "order", "next_i", "carry", "carry_labels")
-            step, order, next_i, carry_ND, carry_N = (start[k] for k in keys)
+            step, order, next_i, carry_ND = (start[k] for k in ("step", "order", "next_i", "carry"))
+            # Training checkpoints written before labels travelled have no such key.
+            carry_N = start.get("carry_labels", torch.empty(0, dtype=torch.long))
         # A ring of reused buffers (fresh memory would cost a page fault per 4 KiB). Slot k is
         # refilled only after the consumer took buffer k + 1 from the queue, so it is done with k.
         max_block = max(self.blocks.n_block_vectors(block) for block in self.blocks.blocks)
