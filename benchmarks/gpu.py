@@ -12,7 +12,10 @@ default, and with `autocast_bf16`, to say how much each changes stored activatio
   flips moves the trajectory, not the loss level);
 - the top-k pass of one TopK SAE: the same images at >= 99.9 % of (latent, rank) places, values
   within 1e-4 relative (the rest are near ties);
-- a dump of the tiny ViT over generated images: within 1e-3 of the activations' scale.
+- a dump of the tiny ViT over generated images: within 1e-3 of the activations' scale;
+- on that dump, a patch probe's grid (held-out mean IoU within 0.02) and an intervention of a
+  layer -2 SAE measured by it through the ViT's last block (every IoU of `effects.csv` within
+  0.02: a few patches may flip at near ties).
 A failed comparison prints `FAIL` and the check exits 1.
 
 Speed, each a ratio of two things measured side by side in this run:
@@ -46,8 +49,8 @@ import topk as topk_bench
 import torch
 from random_shards import write_random_shards
 
-from saev_core import config, helpers, sae, shards
-from saev_core.steps import dump, synthetic, topk, train
+from saev_core import config, helpers, jobs, sae, shards, topk_results
+from saev_core.steps import dump, evaluate, intervene, probe, synthetic, topk, train
 
 KINDS = {
     "relu": {"activation": "relu", "sparsity_coeff": 1e-3},
@@ -158,6 +161,70 @@ def check_dump(tmp: pathlib.Path, device: str, n_imgs: int):
             )
 
 
+def check_probe_and_intervention(tmp: pathlib.Path, device: str):
+    """The probe and intervention steps on the CPU and on `device`, from the CPU dump."""
+    (shards_dpath,) = (tmp / "dump-cpu").iterdir()
+    dataset_cfg = {"kind": "synthetic", "root": str(tmp / "images")}
+    classes = synthetic.CONCEPTS
+    probe_cfg = config.ProbeConfig(
+        kind="patch", train_activations="t", layer=-1, batch_size=256, n_train=256 * 100, lr=0.01
+    )
+    common = dict(train_shards=shards_dpath.name, eval_shards=shards_dpath.name, classes=classes)
+    probe_job = jobs.ProbeJob(
+        name="p",
+        probe=probe_cfg,
+        train_shards_dpath=str(shards_dpath),
+        eval_shards_dpath=str(shards_dpath),
+        train_dataset=dataset_cfg,
+        eval_dataset=dataset_cfg,
+        **common,
+    )
+    sae_dpath = tmp / "intervened-sae"
+    sae_dpath.mkdir()
+    cfg = sae.SaeConfig(d_vit=64, exp_factor=4, activation="topk", k=8, seed=0)
+    model = sae.SparseAutoencoder(cfg)
+    sae.save(sae_dpath / "sae.pt", model)
+    reader = shards.ShardReader(shards_dpath)
+    evaluate.write(evaluate.evaluate(model, reader, -2, "patches", list(classes)), "", sae_dpath)
+    topk_results.save(sae_dpath / "topk.npz", topk.top_k(model, reader, -2, "patches", 4))
+    scores = {}
+    for where in ("cpu", device):
+        torch_device = helpers.pick_device(where)
+        stack, train_loss = probe.train(probe_job, torch_device)
+        rows = probe.score(probe_job, stack, torch_device)
+        probe.write(probe_job, stack, train_loss, rows, tmp / f"probe-{where}")
+        job = jobs.InterveneJob(
+            sae_id="s",
+            label="s",
+            sae_fpath=str(sae_dpath / "sae.pt"),
+            sae_sha256=None,
+            sae_layer=-2,
+            sae_tokens="patches",
+            concepts_fpath=str(sae_dpath / "concept_candidates.csv"),
+            topk_fpath=str(sae_dpath / "topk.npz"),
+            probe_fpath=str(tmp / f"probe-{where}" / "probe.pt"),
+            probe=probe_cfg,
+            intervention=config.InterventionConfig(name="i", probe="p", n_images=0),
+            shards_dpath=str(shards_dpath),
+            model={"family": "tiny", "ckpt": "vit-tiny-p8-64", "weights": None},
+            dataset=dataset_cfg,
+            shards=shards_dpath.name,
+            classes=classes,
+        )
+        intervene.run(job, tmp / f"intervene-{where}", torch_device)
+        with open(tmp / f"intervene-{where}" / "effects.csv", newline="") as fd:
+            effects = [(float(r["after"]), float(r["control"])) for r in csv.DictReader(fd)]
+        scores[where] = rows[0]["mean_iou"], np.array(effects)
+    iou_gap = abs(scores["cpu"][0] - scores[device][0])
+    check(
+        "probe",
+        iou_gap <= 0.02,
+        f"held-out mean IoU {scores['cpu'][0]:.3f} on cpu, {iou_gap:.1e} apart",
+    )
+    effect_gap = float(np.abs(scores["cpu"][1] - scores[device][1]).max())
+    check("intervention", effect_gap <= 0.02, f"IoUs after edits at most {effect_gap:.1e} apart")
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -261,6 +328,7 @@ def main() -> int:
         check_training(tmp, str(device), steps=40 if args.smoke else 200)
         check_topk(tmp, str(device))
         check_dump(tmp, str(device), n_imgs=16 if args.smoke else 64)
+        check_probe_and_intervention(tmp, str(device))
 
         set_tf32(True)  # as jobs run on CUDA
         sizes = (2, 64, 512, 256) if args.smoke else (8, 768, 16384, 16384)
