@@ -20,7 +20,18 @@ PLANNER = {m for m in MODULES if m.startswith("planning.")}
 
 def test_the_layout_separates_steps_planning_and_library():
     assert STEPS == sorted(
-        ["synthetic", "dump", "train", "evaluate", "topk", "render", "summarize", "export"]
+        [
+            "synthetic",
+            "dump",
+            "train",
+            "evaluate",
+            "topk",
+            "render",
+            "summarize",
+            "export",
+            "probe",
+            "intervene",
+        ]
     )
     assert PLANNER == {
         f"planning.{m}" for m in ("plan", "labels", "reruns", "config_files", "stale", "keep")
