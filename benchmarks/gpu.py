@@ -15,7 +15,10 @@ default, and with `autocast_bf16`, to say how much each changes stored activatio
 - a dump of the tiny ViT over generated images: within 1e-3 of the activations' scale;
 - on that dump, a patch probe's grid (held-out mean IoU within 0.02) and an intervention of a
   layer -2 SAE measured by it through the ViT's last block (every IoU of `effects.csv` within
-  0.02: a few patches may flip at near ties).
+  0.02: a few patches may flip at near ties);
+- on that dump, the PCA (8 components kept) and k-means baselines fitted on each device
+  (components within 1e-3, centroid norms within 5 %), and the PCA baseline's trait metrics
+  (Probe R, mAP, Purity@16 within 0.01).
 A failed comparison prints `FAIL` and the check exits 1.
 
 Speed, each a ratio of two things measured side by side in this run:
@@ -50,7 +53,9 @@ import torch
 from random_shards import write_random_shards
 
 from saev_core import config, helpers, jobs, sae, shards, topk_results
+from saev_core.steps import baseline as baseline_step
 from saev_core.steps import dump, evaluate, intervene, probe, synthetic, topk, train
+from saev_core.steps import traits as traits_step
 
 KINDS = {
     "relu": {"activation": "relu", "sparsity_coeff": 1e-3},
@@ -225,6 +230,38 @@ def check_probe_and_intervention(tmp: pathlib.Path, device: str):
     check("intervention", effect_gap <= 0.02, f"IoUs after edits at most {effect_gap:.1e} apart")
 
 
+def check_baselines_and_traits(tmp: pathlib.Path, device: str):
+    """The baseline fits and the trait metrics on the CPU and on `device`, from the CPU dump."""
+    (shards_dpath,) = (tmp / "dump-cpu").iterdir()
+    fits, scores = {}, {}
+    for where in ("cpu", device):
+        torch_device = helpers.pick_device(where)
+        for kind, extra in (("pca", {"k": 8}), ("kmeans", {"exp_factor": 2})):
+            cfg = config.BaselineConfig(kind, -1, batch_size=256, n_train=256 * 8, **extra)
+            fit_job = jobs.FitBaselineJob(cfg, shards_dpath.name, str(shards_dpath))
+            fits[where, kind] = baseline_step.fit(fit_job, torch_device).model
+        traits_job = jobs.TraitsJob(
+            sae_fpath="",
+            sae_sha256=None,
+            train_shards=shards_dpath.name,
+            eval_shards=shards_dpath.name,
+            train_shards_dpath=str(shards_dpath),
+            eval_shards_dpath=str(shards_dpath),
+            layer=-1,
+            classes=synthetic.CONCEPTS,
+        )
+        _, scores[where] = traits_step.measure(traits_job, fits[where, "pca"].to(torch_device))
+    rel = float(
+        (fits[device, "pca"].W_dec.cpu().abs() - fits["cpu", "pca"].W_dec.abs()).abs().max()
+    )
+    check("baseline pca", rel <= 1e-3, f"components within {rel:.1e} of the CPU's")
+    inertia = {w: fits[w, "kmeans"].b_enc.detach().cpu().sum().item() for w in ("cpu", device)}
+    gap = abs(inertia[device] - inertia["cpu"]) / abs(inertia["cpu"])
+    check("baseline kmeans", gap <= 0.05, f"centroid norms within {gap:.1e} of the CPU's")
+    gaps = {k: abs(scores[device][k] - scores["cpu"][k]) for k in ("probe_r", "map", "purity_16")}
+    check("trait metrics", max(gaps.values()) <= 0.01, f"PCA's scores apart by {gaps}")
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -329,6 +366,7 @@ def main() -> int:
         check_topk(tmp, str(device))
         check_dump(tmp, str(device), n_imgs=16 if args.smoke else 64)
         check_probe_and_intervention(tmp, str(device))
+        check_baselines_and_traits(tmp, str(device))
 
         set_tf32(True)  # as jobs run on CUDA
         sizes = (2, 64, 512, 256) if args.smoke else (8, 768, 16384, 16384)

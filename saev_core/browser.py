@@ -41,6 +41,27 @@ def random_weights_note(vit_family: str) -> str:
     )
 
 
+def baseline_note(kind: str | None, cfg) -> str:
+    """What a baseline's latents are (`saev_core.baselines`); empty for an SAE."""
+    if kind == "pca":
+        return (
+            f"Baseline, not an SAE: PCA. Latent j < {cfg.d_vit} is principal component j's "
+            f"positive coefficient and latent {cfg.d_vit} + j its negative one (components by "
+            f"explained variance); each token keeps the {cfg.k} of largest magnitude."
+        )
+    if kind == "kmeans":
+        return (
+            f"Baseline, not an SAE: k-means. Each latent is one of {cfg.d_sae} centroids, 1 on "
+            "the tokens nearest to it and 0 elsewhere."
+        )
+    if kind == "random":
+        return (
+            "Baseline, not an SAE: an untrained TopK SAE (random unit decoder rows, the encoder "
+            "their transpose): a trained SAE's latents should mean more than these."
+        )
+    return ""
+
+
 def read_concepts(fpath: pathlib.Path) -> dict[int, list[dict]]:
     """`concept_candidates.csv` as latent -> its scored classes, best AP first, each with its
     rank among the candidates of that class and how many candidates the class had."""

@@ -16,7 +16,12 @@ import typing
 TOKENS = ("patches", "cls", "all")
 LR_SCHEDULES = ("constant", "cosine")
 MATRYOSHKA_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
-"""Matryoshka: reconstruct from these fractions of the latents too (nested dictionaries)."""
+"""Matryoshka, `fixed` prefixes: reconstruct from these fractions of the latents too."""
+MATRYOSHKA_RULES = ("sampled", "fixed")
+MATRYOSHKA_N_PREFIXES = 10
+"""Matryoshka, `sampled` prefixes (saev's rule): prefix lengths drawn each step, d_sae included."""
+MATRYOSHKA_PARETO_POWER = 0.5
+"""The Pareto distribution's power of saev's prefix lengths (lower: more uniform)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,8 @@ class Kind:
     kind keeps `k` latents instead and takes no penalty."""
     saev_class: str | None = None
     """saev's class for it (schema 1 and 5); None: saev cannot represent it."""
+    trainable: bool = True
+    """False for the encodings of fitted baselines (`BaselineConfig`), which no sweep trains."""
 
     @property
     def takes_k(self) -> bool:
@@ -44,9 +51,11 @@ KINDS = {
         Kind("topk", saev_class="TopK"),
         Kind("batchtopk", saev_class="BatchTopK"),
         Kind("jumprelu", penalty="l0"),
+        Kind("kmeans", trainable=False),
     )
 }
-"""Every activation an SAE can train with."""
+"""Every activation an SAE can have: those it can train with, and `kmeans` (the nearest of
+`d_sae` centroids, value 1), the encoding of the k-means baseline."""
 
 
 class ConfigError(ValueError):
@@ -85,13 +94,18 @@ class SaeConfig:
     """d_sae = d_vit * exp_factor."""
     activation: str = "relu"
     """`relu` (L1 penalty), `topk` (k largest per example), `batchtopk` (k x batch largest over
-    the batch; a learned threshold at inference) or `jumprelu` (per-latent threshold, L0 penalty)."""
+    the batch; a learned threshold at inference) or `jumprelu` (per-latent threshold, L0 penalty);
+    `kmeans` only for the k-means baseline (nearest centroid, value 1; k is 1)."""
     sparsity_coeff: float = 0.0
     """Weight of the L1 (relu) or L0 (jumprelu) penalty."""
     k: int = 0
     """Latents kept per example (topk, batchtopk)."""
     matryoshka: bool = False
-    """Also reconstruct from nested prefixes of the latents (MATRYOSHKA_FRACTIONS)."""
+    """Also reconstruct from nested prefixes of the latents (nested dictionaries)."""
+    matryoshka_prefixes: str = "fixed"
+    """Which prefixes: `sampled` (saev's rule: each step 10 lengths drawn from a Pareto
+    distribution of power 0.5, d_sae among them) or `fixed` (1/8, 1/4, 1/2 and all of d_sae);
+    the loss is the mean of their reconstruction errors either way."""
     aux_k: int = 0
     """AuxK (topk, batchtopk): dead latents used to model the residual; 0 turns it off."""
     aux_coeff: float = 1 / 32
@@ -104,6 +118,10 @@ class SaeConfig:
     """Seed of the weight initialisation."""
     b_dec_init: str = "mean"
     """`mean`: b_dec starts at the first batch's mean; `zero`: at 0 (saev's trainer)."""
+    decoder_norm: str = "unit"
+    """`unit`: decoder rows renormalised to norm 1 after every step, their gradient along the row
+    removed (saev's trainer); `penalised`: rows free, each latent's L1 term weighted by its row's
+    norm (Anthropic's April 2024 update; relu only)."""
     init_from_data: bool = False
     """Decoder rows start from first-batch vectors (minus b_dec, unit norm) blended 0.8 with
     random directions, the encoder as the decoder's transpose (saev's `reinit_blend`); else
@@ -115,7 +133,7 @@ class SaeConfig:
                 "activation", f"must be one of {list(KINDS)}, got {self.activation!r}"
             )
         kind = KINDS[self.activation]
-        with_k = [k.name for k in KINDS.values() if k.takes_k]
+        with_k = [k.name for k in KINDS.values() if k.takes_k and k.trainable]
         with_penalty = [k.name for k in KINDS.values() if k.penalty]
         if self.d_vit < 1:
             raise ConfigError("d_vit", f"must be at least 1, got {self.d_vit}")
@@ -123,6 +141,8 @@ class SaeConfig:
             raise ConfigError("exp_factor", f"must be at least 1, got {self.exp_factor}")
         if kind.takes_k and self.k < 1:
             raise ConfigError("k", f"{kind.name} needs k >= 1, got {self.k}")
+        if kind.name == "kmeans" and self.k != 1:
+            raise ConfigError("k", f"kmeans keeps the nearest centroid only (k = 1), got {self.k}")
         if kind.takes_k and self.k > self.d_sae:
             raise ConfigError("k", f"{self.k} exceeds d_sae {self.d_sae}")
         if not kind.takes_k and self.k:
@@ -141,6 +161,17 @@ class SaeConfig:
             raise ConfigError("aux_coeff", f"must be >= 0, got {self.aux_coeff}")
         if self.dead_tokens < 1:
             raise ConfigError("dead_tokens", f"must be at least 1, got {self.dead_tokens}")
+        if self.decoder_norm not in ("unit", "penalised"):
+            raise ConfigError(
+                "decoder_norm", f"must be 'unit' or 'penalised', got {self.decoder_norm!r}"
+            )
+        if self.decoder_norm == "penalised" and kind.name != "relu":
+            raise ConfigError("decoder_norm", f"penalised applies to relu, not {kind.name}")
+        if self.matryoshka_prefixes not in MATRYOSHKA_RULES:
+            raise ConfigError(
+                "matryoshka_prefixes",
+                f"must be one of {list(MATRYOSHKA_RULES)}, got {self.matryoshka_prefixes!r}",
+            )
         if self.b_dec_init not in ("mean", "zero"):
             raise ConfigError("b_dec_init", f"must be 'mean' or 'zero', got {self.b_dec_init!r}")
 
@@ -150,10 +181,19 @@ class SaeConfig:
 
     @property
     def prefixes(self) -> list[int]:
-        """Latent counts whose reconstructions are trained (only d_sae without matryoshka)."""
-        if not self.matryoshka:
+        """Latent counts whose reconstructions are trained every step (only d_sae without
+        matryoshka or with sampled prefixes, whose others change each step)."""
+        if not self.matryoshka or self.matryoshka_prefixes == "sampled":
             return [self.d_sae]
         return sorted({max(1, int(self.d_sae * frac)) for frac in MATRYOSHKA_FRACTIONS})
+
+
+def check_budget(n_train: int, batch_size: int):
+    """A stream of `n_train` vectors in batches of `batch_size` holds at least one batch."""
+    if batch_size < 1:
+        raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
+    if n_train < batch_size:
+        raise ConfigError("n_train", f"{n_train} is less than one batch ({batch_size} vectors)")
 
 
 STREAM = {"stream": True}
@@ -197,12 +237,7 @@ class TrainConfig:
             raise ConfigError("lr_schedule", f"must be one of {list(LR_SCHEDULES)}")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
-        if self.n_train < self.batch_size:
-            raise ConfigError(
-                "n_train", f"{self.n_train} is less than one batch ({self.batch_size} vectors)"
-            )
+        check_budget(self.n_train, self.batch_size)
         for name in ("warmup_steps", "sparsity_warmup_steps", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
@@ -240,10 +275,12 @@ def sae_spec(d_vit: int, flat: dict) -> SaeSpec:
     if unknown := sorted(set(flat) - set(SAE_KEYS) - set(TRAIN_KEYS) - {"shards"}):
         raise ConfigError(unknown[0], "is not an SAE or training setting")
     sae_values = {k: flat[k] for k in SAE_KEYS if k in flat}
-    return SaeSpec(
-        sae=SaeConfig(d_vit=d_vit, **sae_values),
-        train=TrainConfig(**{k: flat[k] for k in TRAIN_KEYS if k in flat}),
-    )
+    sae = SaeConfig(d_vit=d_vit, **sae_values)
+    if not KINDS[sae.activation].trainable:
+        raise ConfigError(
+            "activation", f"{sae.activation} is a baseline's encoding: list it under `baselines`"
+        )
+    return SaeSpec(sae=sae, train=TrainConfig(**{k: flat[k] for k in TRAIN_KEYS if k in flat}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +339,74 @@ class ExternalSaeConfig:
             raise ConfigError("tokens", f"must be one of {list(TOKENS)}, got {self.tokens!r}")
 
 
+BASELINE_KINDS = ("pca", "kmeans", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """A dictionary that learned nothing or learned without sparsity, fitted on a sweep's training
+    activations and then evaluated, top-k'd, rendered and probed by the very steps its SAEs go
+    through (`saev_core.baselines` says how each is fitted and encodes)."""
+
+    kind: str
+    """`pca` (the k largest-magnitude principal-component coefficients per token), `kmeans`
+    (the nearest of d_vit x exp_factor centroids, L0 = 1) or `random` (an untrained TopK SAE:
+    random unit decoder, the encoder its transpose, b_dec the data mean)."""
+    layer: int
+    """Recorded layer it reads."""
+    tokens: str = "patches"
+    """Token kind it reads: `patches`, `cls` or `all`."""
+    k: int = 0
+    """pca: coefficients kept per token; random: TopK's k; kmeans: unused (1)."""
+    exp_factor: int = 8
+    """kmeans: centroids = d_vit x exp_factor; random: d_sae = d_vit x exp_factor; pca: unused
+    (its 2 x d_vit latents are each component's positive and negative half)."""
+    n_train: int = 131072
+    """Vectors it is fitted on, streamed in shuffled batches (pca, kmeans; random reads one)."""
+    batch_size: int = 1024
+    """Vectors per batch (k-means: per mini-batch update)."""
+    seed: int = 0
+    """Seed of the data order, k-means' initial centroids and the random decoder."""
+    name: str | None = None
+    """Its label in the table, report and browser; None: `L<layer> <kind> ...`."""
+
+    def __post_init__(self):
+        if self.kind not in BASELINE_KINDS:
+            raise ConfigError("kind", f"must be one of {list(BASELINE_KINDS)}, got {self.kind!r}")
+        if self.tokens not in TOKENS:
+            raise ConfigError("tokens", f"must be one of {list(TOKENS)}, got {self.tokens!r}")
+        if self.kind in ("pca", "random") and self.k < 1:
+            raise ConfigError("k", f"a {self.kind} baseline needs k >= 1, got {self.k}")
+        if self.kind == "kmeans" and self.k not in (0, 1):
+            raise ConfigError("k", f"k-means keeps one centroid per token (k = 1), got {self.k}")
+        if self.exp_factor < 1:
+            raise ConfigError("exp_factor", f"must be at least 1, got {self.exp_factor}")
+        check_budget(self.n_train, self.batch_size)
+
+    def sae_config(self, d_vit: int) -> SaeConfig:
+        """The SAE this baseline is, as `sae.pt` stores it."""
+        if self.kind == "pca":
+            if self.k > d_vit:
+                raise ConfigError("k", f"{self.k} exceeds the {d_vit} principal components")
+            return SaeConfig(d_vit=d_vit, exp_factor=2, activation="topk", k=self.k)
+        if self.kind == "kmeans":
+            return SaeConfig(d_vit=d_vit, exp_factor=self.exp_factor, activation="kmeans", k=1)
+        return SaeConfig(
+            d_vit=d_vit, exp_factor=self.exp_factor, activation="topk", k=self.k, seed=self.seed
+        )
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        parts = [f"L{self.layer}", *([self.tokens] if self.tokens != "patches" else [])]
+        if self.kind == "pca":
+            return " ".join([*parts, f"pca k={self.k}"])
+        if self.kind == "kmeans":
+            return " ".join([*parts, f"kmeans x{self.exp_factor}"])
+        return " ".join([*parts, f"random topk k={self.k} x{self.exp_factor}"])
+
+
 PROBE_KINDS = ("patch", "image")
 POOLINGS = ("cls", "mean")
 ACTIONS = ("suppress", "scale")
@@ -352,12 +457,7 @@ class ProbeConfig:
             raise ConfigError("pooling", f"must be one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.ignore_labels and self.kind != "patch":
             raise ConfigError("ignore_labels", "applies to patch probes")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
-        if self.n_train < self.batch_size:
-            raise ConfigError(
-                "n_train", f"{self.n_train} is less than one batch ({self.batch_size} vectors)"
-            )
+        check_budget(self.n_train, self.batch_size)
         for name in ("lr", "weight_decay"):
             values = getattr(self, name)
             if not values or len(set(values)) != len(values):
@@ -460,6 +560,8 @@ class SweepConfig:
     """Existing SAEs evaluated, top-k'd and rendered beside the trained ones."""
     interventions: tuple[InterventionConfig, ...] = ()
     """Edits of each class's latents, measured by a probe (`InterventionConfig`)."""
+    baselines: tuple[BaselineConfig, ...] = ()
+    """Dictionaries fitted without SAE training, scored beside the SAEs (`BaselineConfig`)."""
 
     def __post_init__(self):
         if not 1 <= self.max_saes_per_group <= 1024:

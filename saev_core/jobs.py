@@ -187,6 +187,33 @@ class TrainGroupJob(Job):
 
 
 @dataclasses.dataclass(frozen=True)
+class FitBaselineJob(Job):
+    """Fit one baseline dictionary on a sweep's training activations (`fit_baseline`)."""
+
+    baseline: config.BaselineConfig
+    shards: str
+    """Hash of the training shard directory."""
+    shards_dpath: str
+    EXECUTION = ("shards_dpath",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraitsJob(Job):
+    """saev's trait-discovery metrics of one SAE or baseline (`trait_metrics`): per (latent,
+    class) 1-D logistic probes fitted on the training patches, scored on the held-out ones."""
+
+    sae_fpath: str
+    sae_sha256: str | None
+    train_shards: str
+    eval_shards: str
+    train_shards_dpath: str
+    eval_shards_dpath: str
+    layer: int
+    classes: tuple[str, ...]
+    EXECUTION = ("sae_fpath", "train_shards_dpath", "eval_shards_dpath")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateJob(Job):
     """Metrics, latent statistics and concept recovery on held-out activations (`evaluate_sae`)."""
 
@@ -248,12 +275,16 @@ class SummarizeJob(Job):
     sae_fpaths: dict[str, str]
     """Trained SAE id -> its `sae.pt`."""
     externals: dict[str, config.ExternalSaeConfig]
+    baselines: dict[str, config.BaselineConfig]
+    """Baseline id -> its settings (its `sae.pt` is in `sae_fpaths` too)."""
     groups: dict[str, str]
-    """SAE id -> its group id (`external` for external SAEs)."""
+    """SAE id -> its group id (`external` for external SAEs, `baseline` for baselines)."""
     labels: dict[str, str]
     metrics_fpaths: dict[str, str]
     """SAE id -> its `metrics.json`."""
-    EXECUTION = ("sae_fpaths", "metrics_fpaths")
+    traits_fpaths: dict[str, str]
+    """SAE id -> its `traits.json` (saev's trait metrics); empty without patch labels."""
+    EXECUTION = ("sae_fpaths", "metrics_fpaths", "traits_fpaths")
 
 
 @dataclasses.dataclass(frozen=True)

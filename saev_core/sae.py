@@ -21,7 +21,7 @@ import typing
 import torch
 
 from . import checkpoints, shards
-from .config import SaeConfig
+from .config import MATRYOSHKA_N_PREFIXES, MATRYOSHKA_PARETO_POWER, SaeConfig
 
 JUMPRELU_INIT_THRESHOLD = 1e-3
 """Before training sees data; `init_from_batch` replaces it."""
@@ -252,6 +252,17 @@ class JumpRelu(Activation):
         p.pre_rms.copy_(pre_MBF.pow(2).mean(dim=(1, 2), keepdim=True).sqrt())
 
 
+class KMeans(Activation):
+    """The k-means baseline's code: 1 for the nearest centroid, 0 elsewhere. The nearest centroid
+    c of x maximises x.c - |c|^2 / 2, a linear pre-activation (`W_enc` the centroids'
+    transpose, `b_enc` -|c|^2 / 2, `b_dec` 0), and decoding gives that centroid back. Fitted by
+    `baselines.fit_kmeans`, never trained."""
+
+    def encode(self, p, pre_MBF, training):
+        nearest_MB1 = pre_MBF.argmax(dim=-1, keepdim=True)
+        return torch.zeros_like(pre_MBF).scatter(-1, nearest_MB1, 1.0)
+
+
 class SaevTopK(Activation):
     """saev's TopK (schema 1 from f5d892c on, and 5): the k largest pre-activations as they are,
     no ReLU. Inference only, for checkpoints saev wrote; exported as what it is."""
@@ -275,8 +286,10 @@ ACTIVATIONS: dict[str, type[Activation]] = {
     "topk": TopK,
     "batchtopk": BatchTopK,
     "jumprelu": JumpRelu,
+    "kmeans": KMeans,
 }
-"""The trainable kinds, by `SaeConfig.activation` (their settings: `config.KINDS`)."""
+"""Every kind, by `SaeConfig.activation` (their settings: `config.KINDS`; `kmeans` is fitted,
+not trained)."""
 SAEV_ENCODINGS: dict[str, type[Activation]] = {
     "saev-topk": SaevTopK,
     "saev-batchtopk": SaevBatchTopK,
@@ -342,6 +355,20 @@ class SaeParams(torch.nn.Module):
         return torch.baddbmm(self.b_dec[:, None], f_MBF, self.W_dec)
 
 
+def sample_prefixes(d_sae: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """saev's Matryoshka prefix lengths: `n - 1` distinct lengths in 1..d_sae-1 drawn with the
+    probabilities of a Pareto distribution of power 0.5 (its CDF 1 - 1/length^0.5 differenced
+    over the lengths, so short prefixes are likely), and d_sae; sorted."""
+    n = min(n, d_sae - 1)  # length 1 has probability 0: at most d_sae - 2 to draw
+    if n <= 1:
+        return torch.tensor([d_sae])
+    lengths = torch.arange(1, d_sae)
+    cdf = 1 - (1 / lengths.double()) ** MATRYOSHKA_PARETO_POWER
+    pdf = torch.cat([cdf[:1], cdf[1:] - cdf[:-1]])
+    drawn = lengths[torch.multinomial(pdf / pdf.sum(), n - 1, replacement=False, generator=gen)]
+    return torch.cat([drawn, torch.tensor([d_sae])]).sort().values
+
+
 def init_decoder(cfg: SaeConfig) -> torch.Tensor:
     """Unit-norm random decoder rows (F, D), deterministic from the SAE's seed."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -372,6 +399,11 @@ class StackedSaes(SaeParams):
         for name in ("sparsity_coeff", "aux_k", "aux_coeff", "dead_tokens"):
             values = torch.tensor([getattr(c, name) for c in cfgs])
             self.register_buffer(name, values, persistent=False)
+        penalised = [c.decoder_norm == "penalised" for c in cfgs]
+        if any(penalised):
+            self.register_buffer("penalised_M", torch.tensor(penalised), persistent=False)
+        else:
+            self.penalised_M = None
 
     @torch.no_grad()
     def init_from_batch(self, x_BD: torch.Tensor):
@@ -391,15 +423,20 @@ class StackedSaes(SaeParams):
                 self.W_enc[m] = self.W_dec[m].T
         self.activation.init_from_batch(self, x_MBD)
 
-    def loss(self, x_BD: torch.Tensor, sparsity_scale_M: torch.Tensor) -> Loss:
-        """Per-SAE losses; `sparsity_scale_M` is the sparsity warm-up factor in [0, 1]."""
+    def loss(self, x_BD: torch.Tensor, sparsity_scale_M: torch.Tensor, step: int = 0) -> Loss:
+        """Per-SAE losses; `sparsity_scale_M` is the sparsity warm-up factor in [0, 1] and
+        `step` seeds sampled Matryoshka prefixes (a resumed job draws the same ones)."""
         x_MBD = self.normalize(x_BD)
         pre_MBF = self.pre_acts(x_MBD)
         f_MBF = self.activate(pre_MBF, training=True)
         x_hat_MBD = self.decode(f_MBF)
         mse_M = (x_hat_MBD - x_MBD).pow(2).mean(dim=(1, 2))
-        recon_M = self.matryoshka_mse(f_MBF, x_MBD, mse_M)
+        recon_M = self.matryoshka_mse(f_MBF, x_MBD, mse_M, step)
         l1_M = f_MBF.sum(dim=-1).mean(dim=1)  # every activation is non-negative
+        if self.penalised_M is not None:  # L1 weighted by each latent's decoder-row norm
+            row_norms_M1F = self.W_dec.norm(dim=2)[:, None]
+            weighted_M = (f_MBF * row_norms_M1F).sum(dim=-1).mean(dim=1)
+            l1_M = torch.where(self.penalised_M, weighted_M, l1_M)
         l0_M = torch.count_nonzero(f_MBF, dim=-1).float().mean(dim=1)
         penalty_M = self.activation.penalty(self, pre_MBF, l1_M)
         aux_M = self.aux_loss(pre_MBF, x_MBD - x_hat_MBD.detach())
@@ -410,19 +447,38 @@ class StackedSaes(SaeParams):
             self.activation.observe(self, f_MBF)
         return Loss(loss=loss_M, mse=mse_M, l0=l0_M, l1=l1_M, aux=aux_M)
 
-    def matryoshka_mse(self, f_MBF, x_MBD, mse_M) -> torch.Tensor:
-        """Mean over each SAE's prefixes of the reconstruction error from only those latents."""
+    def step_prefixes(self, step: int) -> list[set[int]]:
+        """Per SAE, the prefix lengths whose reconstruction errors its loss averages at `step`:
+        its fixed ones, or this step's draw (`sample_prefixes`, one draw for the stack, seeded
+        by the stack's first seed and the step)."""
+        d_sae = self.cfgs[0].d_sae
+        sampled = None
+        if any(c.matryoshka and c.matryoshka_prefixes == "sampled" for c in self.cfgs):
+            gen = torch.Generator().manual_seed(self.cfgs[0].seed * 1_000_003 + step)
+            sampled = set(sample_prefixes(d_sae, MATRYOSHKA_N_PREFIXES, gen).tolist())
+        return [
+            sampled if c.matryoshka and c.matryoshka_prefixes == "sampled" else set(c.prefixes)
+            for c in self.cfgs
+        ]
+
+    def matryoshka_mse(self, f_MBF, x_MBD, mse_M, step: int = 0) -> torch.Tensor:
+        """Mean over each SAE's prefixes of the reconstruction error from only those latents;
+        the prefixes' reconstructions are built up block by block (one full decode's work)."""
         if not any(c.matryoshka for c in self.cfgs):
             return mse_M
+        wanted = self.step_prefixes(step)
         terms_M = torch.zeros_like(mse_M)
         counts_M = torch.zeros_like(mse_M)
-        for p in sorted({p for c in self.cfgs for p in c.prefixes}):
-            has_M = torch.tensor([p in c.prefixes for c in self.cfgs], device=mse_M.device)
+        x_hat_MBD, done = self.b_dec[:, None].expand_as(x_MBD), 0
+        for p in sorted(set().union(*wanted)):
+            has_M = torch.tensor([p in w for w in wanted], device=mse_M.device)
             if p == self.cfgs[0].d_sae:
                 mse_p_M = mse_M
             else:
-                x_hat_p = torch.baddbmm(self.b_dec[:, None], f_MBF[..., :p], self.W_dec[:, :p])
-                mse_p_M = (x_hat_p - x_MBD).pow(2).mean(dim=(1, 2))
+                block = slice(done, p)
+                x_hat_MBD = torch.baddbmm(x_hat_MBD, f_MBF[..., block], self.W_dec[:, block])
+                mse_p_M = (x_hat_MBD - x_MBD).pow(2).mean(dim=(1, 2))
+                done = p
             terms_M = terms_M + has_M * mse_p_M
             counts_M = counts_M + has_M
         return terms_M / counts_M
@@ -455,11 +511,16 @@ class StackedSaes(SaeParams):
     def remove_parallel_grads(self):
         """Drop the gradient component along each decoder row, which only rescales it."""
         parallel_MF1 = (self.W_dec.grad * self.W_dec).sum(dim=2, keepdim=True)
+        if self.penalised_M is not None:  # free rows keep their whole gradient
+            parallel_MF1 = parallel_MF1 * ~self.penalised_M[:, None, None]
         self.W_dec.grad -= parallel_MF1 * self.W_dec
 
     @torch.no_grad()
     def normalize_decoder(self):
-        self.W_dec /= self.W_dec.norm(dim=2, keepdim=True)
+        norms_MF1 = self.W_dec.norm(dim=2, keepdim=True)
+        if self.penalised_M is not None:
+            norms_MF1 = torch.where(self.penalised_M[:, None, None], 1.0, norms_MF1)
+        self.W_dec /= norms_MF1
 
     def member(self, m: int) -> "SparseAutoencoder":
         """SAE `m` on its own, for inference and `sae.pt`."""

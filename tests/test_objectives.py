@@ -55,7 +55,7 @@ def test_a_step_without_the_projection_lands_elsewhere():
 
 
 def test_matryoshka_loss_is_the_mean_over_prefixes_of_prefix_reconstruction_errors():
-    stack = stack_of(activation="topk", k=6, matryoshka=True)
+    stack = stack_of(activation="topk", k=6, matryoshka=True, matryoshka_prefixes="fixed")
     x = torch.randn(32, 8)
     loss = stack.loss(x, torch.ones(1))
     with torch.no_grad():
@@ -67,6 +67,37 @@ def test_matryoshka_loss_is_the_mean_over_prefixes_of_prefix_reconstruction_erro
         ]
     torch.testing.assert_close(loss.loss[0], torch.stack(errors).mean())
     assert not torch.isclose(loss.loss[0], loss.mse[0])  # not just the full reconstruction
+
+
+def test_sampled_matryoshka_prefixes_follow_saevs_pareto_rule():
+    """10 distinct sorted lengths, d_sae last; over many draws each length in 1..d_sae-1 turns
+    up about as often as the Pareto(0.5) probabilities, drawn without replacement, predict:
+    length 2 (the likeliest, 1 - 2^-0.5 = 0.29 of the mass) far more than length 20."""
+    gen = torch.Generator().manual_seed(0)
+    draws = [sae.sample_prefixes(32, 10, gen) for _ in range(2000)]
+    for d in draws[:50]:
+        assert len(set(d.tolist())) == 10 and d[-1] == 32 and torch.equal(d, d.sort().values)
+        assert d.min() >= 2  # length 1's probability is 0 (the CDF starts at 0)
+    counts = torch.bincount(torch.cat(draws), minlength=33).double()
+    assert counts[2] / 2000 > 0.9  # nearly always among the 9 drawn
+    assert counts[20] < counts[3] < counts[2]
+
+
+def test_sampled_matryoshka_loss_is_the_mean_over_that_steps_prefixes():
+    """The reference loop: each prefix decoded on its own, for the prefixes this step draws
+    (seeded by the SAE's seed and the step, so a resumed job draws the same)."""
+    stack = stack_of(activation="topk", k=6, matryoshka=True)
+    x = torch.randn(32, 8)
+    for step in (0, 7):
+        loss = stack.loss(x, torch.ones(1), step=step)
+        gen = torch.Generator().manual_seed(0 * 1_000_003 + step)
+        prefixes = sae.sample_prefixes(32, 10, gen).tolist()
+        with torch.no_grad():
+            f_BF = sae.keep_topk(stack.pre_acts(x[None]), stack.k)[0]
+            W_dec, b_dec = stack.W_dec[0], stack.b_dec[0]
+            errors = [(f_BF[:, :p] @ W_dec[:p] + b_dec - x).pow(2).mean() for p in prefixes]
+        torch.testing.assert_close(loss.loss[0], torch.stack(errors).mean())
+    assert stack.step_prefixes(0) != stack.step_prefixes(7)
 
 
 def test_jumprelu_forward_and_straight_through_gradients_follow_their_formulas():

@@ -243,7 +243,7 @@ def test_a_replaced_external_sae_reruns_its_jobs_whatever_its_mtime(config, tmp_
         }
 
     before = external_identities()
-    assert len(before) == 5  # evaluate, top-k, render and the two interventions
+    assert len(before) == 6  # evaluate, trait metrics, top-k, render and two interventions
     stat = fpath.stat()
     write_sae(seed=1)  # same size, other weights
     os.utime(fpath, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` leaves it
@@ -434,6 +434,7 @@ CONFIG_DEFAULTS = {
     f"{SWEEP}/saes/items/properties": SAE_AND_TRAIN,
     f"{SWEEP}/external_saes/items/properties": saev_config.defaults(saev_config.ExternalSaeConfig),
     f"{SWEEP}/interventions/items/properties": saev_config.defaults(saev_config.InterventionConfig),
+    f"{SWEEP}/baselines/items/properties": saev_config.defaults(saev_config.BaselineConfig),
     "properties/probes/additionalProperties/properties": saev_config.defaults(
         saev_config.ProbeConfig
     ),
@@ -475,6 +476,7 @@ def wide_sweep(n_k: int) -> dict:
     sweep = config["sweeps"]["tiny-synthetic"]
     sweep["saes"] = [{"activation": "topk", "k": list(range(1, n_k + 1))}]
     sweep["external_saes"] = []
+    sweep["baselines"] = []
     return config
 
 
@@ -486,6 +488,7 @@ OUTPUT_FLAGS = {
     "--out-csv-fpath",
     "--out-parquet-fpath",
     "--out-plot-fpath",
+    "--out-verdict-fpath",
 }
 
 
@@ -531,7 +534,8 @@ def test_a_thousand_saes_plan_with_short_commands(tmp_path):
 
 
 def test_summary_of_three_hundred_saes_reads_their_files(tmp_path, monkeypatch):
-    """Summarise from `sae.pt` headers and `metrics.json` (fakes of the right layout)."""
+    """Summarise from `sae.pt` headers, `metrics.json` and `traits.json` (fakes of the right
+    layout)."""
     config = wide_sweep(150)
     plan.validate_config(config)
     the_plan = plan.make_plan(config)
@@ -550,14 +554,16 @@ def test_summary_of_three_hundred_saes_reads_their_files(tmp_path, monkeypatch):
         metrics = {"l0": float(k), "normalized_mse": 1 / k, "n_dead": 0}
         (sweep_dpath / "saes" / sae_id).mkdir(parents=True)
         (sweep_dpath / "saes" / sae_id / "metrics.json").write_text(json.dumps(metrics))
+        traits = {"probe_r": 0.5, "map": 0.5, "purity_16": 0.5, "coverage_0_3": 0.5}
+        (sweep_dpath / "saes" / sae_id / "traits.json").write_text(json.dumps(traits))
     spec_fpath = tmp_path / "summary.json"
     spec_fpath.write_text(the_plan.specs[plan.summary_spec_fpath("tiny-synthetic")].to_json())
-    out = {name: tmp_path / name for name in ("s.csv", "s.parquet", "p.png")}
+    out = {name: tmp_path / name for name in ("s.csv", "s.parquet", "p.png", "v.csv")}
     summarize.main(
         [
             *("--spec-fpath", str(spec_fpath)),
             *("--out-csv-fpath", str(out["s.csv"]), "--out-parquet-fpath", str(out["s.parquet"])),
-            *("--out-plot-fpath", str(out["p.png"])),
+            *("--out-plot-fpath", str(out["p.png"]), "--out-verdict-fpath", str(out["v.csv"])),
         ]
     )
     df = summarize.read_csv(out["s.csv"])

@@ -25,7 +25,15 @@ from saev_core.steps import train
 
 REPO = pathlib.Path(__file__).parent.parent
 KIT = os.environ.get("SAEV_SLURM_KIT")
-GPU_RULES = {"dump_activations", "train_group", "topk_images", "train_probe", "intervene"}
+GPU_RULES = {
+    "dump_activations",
+    "train_group",
+    "topk_images",
+    "train_probe",
+    "intervene",
+    "fit_baseline",
+    "trait_metrics",
+}
 RUN_TIMEOUT_S = 1200
 
 pytestmark = pytest.mark.skipif(not KIT, reason="set SAEV_SLURM_KIT to the Slurm test kit folder")
@@ -116,6 +124,10 @@ def test_embedded_default_on_slurm(cluster, tmp_path):
     config["sweeps"]["tiny-synthetic"]["checkpoint_every"] = 10  # execution only: ids unchanged
     # One intervention (15 jobs) shows where they run; the second would only add queue time.
     del config["sweeps"]["tiny-synthetic"]["interventions"][1:]
+    # One baseline (the random SAE) shows where fitting runs; the others would add queue time.
+    config["sweeps"]["tiny-synthetic"]["baselines"] = [
+        b for b in config["sweeps"]["tiny-synthetic"]["baselines"] if b["kind"] == "random"
+    ]
     config_fpath.write_text(yaml.safe_dump(config))
 
     recorder = JobRecorder(tmp_path)

@@ -118,21 +118,38 @@ class Sweep:
     """Id -> an existing SAE evaluated and browsed like the trained ones."""
     interventions: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     """Intervention name -> the SAEs that run it (those at or before its probe's layer)."""
+    baselines: dict[str, config.BaselineConfig] = dataclasses.field(default_factory=dict)
+    """Id -> a baseline dictionary fitted on the training activations, scored like the SAEs."""
+    trait_classes: tuple[str, ...] = ()
+    """Class names of the patch labels that saev's trait metrics score; empty: the training or
+    held-out activations have no `labels.bin`, and no trait metrics run."""
 
     @property
     def sae_ids(self) -> list[str]:
-        """Every SAE the sweep evaluates: trained and external."""
-        return sorted([*self.saes, *self.externals])
+        """Every SAE the sweep evaluates: trained, external and baselines."""
+        return sorted([*self.saes, *self.externals, *self.baselines])
+
+    def family(self, sae_id: str) -> str:
+        """`baseline` for a baseline, else `sae` (trained and external alike)."""
+        return "baseline" if sae_id in self.baselines else "sae"
 
     def layer_tokens(self, sae_id: str) -> tuple[int, str]:
         """The recorded layer and token kind an SAE reads."""
         if sae_id in self.externals:
             return self.externals[sae_id].layer, self.externals[sae_id].tokens
+        if sae_id in self.baselines:
+            return self.baselines[sae_id].layer, self.baselines[sae_id].tokens
         return self.specs[sae_id].train.layer, self.specs[sae_id].train.tokens
+
+    def traits_run(self, sae_id: str) -> bool:
+        """Trait metrics need patch labels on both sides and an SAE that reads patches."""
+        return bool(self.trait_classes) and self.layer_tokens(sae_id)[1] == "patches"
 
     def sae_fpath(self, sae_id: str) -> str:
         if sae_id in self.externals:
             return self.externals[sae_id].fpath
+        if sae_id in self.baselines:
+            return f"{baseline_dpath(self.name, sae_id)}/sae.pt"
         return f"{group_dpath(self.name, self.sae_group[sae_id])}/{sae_id}/sae.pt"
 
     def sae_sha256(self, sae_id: str) -> str | None:
@@ -201,6 +218,10 @@ def probe_spec_fpath(probe: str) -> str:
 
 def intervention_spec_fpath(sweep: str, intervention: str, sae_id: str) -> str:
     return sweep_spec_fpath(sweep, f"interventions/{intervention}", sae_id)
+
+
+def baseline_dpath(sweep: str, baseline_id: str) -> str:
+    return f"{RESULTS_DPATH}/{sweep}/baselines/{baseline_id}"
 
 
 def probe_dpath(probe: str) -> str:
@@ -316,10 +337,25 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
             checkpoint_every=sweep.cfg.checkpoint_every,
             wandb_project=sweep.cfg.wandb_project,
         )
+    for baseline_id, baseline in sweep.baselines.items():
+        out[sweep_spec_fpath(name, "baselines", baseline_id)] = jobs.FitBaselineJob(
+            baseline=baseline, shards=train_shards, shards_dpath=f"{root}/{train_shards}"
+        )
     for sae_id in sweep.sae_ids:
         layer, tokens = sweep.layer_tokens(sae_id)
         sae_fpath, sae_dpath = sweep.sae_fpath(sae_id), f"{RESULTS_DPATH}/{name}/saes/{sae_id}"
         sae_sha256 = sweep.sae_sha256(sae_id)
+        if sweep.traits_run(sae_id):
+            out[sweep_spec_fpath(name, "traits", sae_id)] = jobs.TraitsJob(
+                sae_fpath=sae_fpath,
+                sae_sha256=sae_sha256,
+                train_shards=train_shards,
+                eval_shards=eval_shards,
+                train_shards_dpath=f"{root}/{train_shards}",
+                eval_shards_dpath=f"{root}/{eval_shards}",
+                layer=layer,
+                classes=sweep.trait_classes,
+            )
         out[sweep_spec_fpath(name, "evaluate", sae_id)] = jobs.EvaluateJob(
             sae_fpath=sae_fpath,
             sae_sha256=sae_sha256,
@@ -363,15 +399,24 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
         )
     out[summary_spec_fpath(name)] = jobs.SummarizeJob(
         model=sweep.model,
-        sae_fpaths={sae_id: sweep.sae_fpath(sae_id) for sae_id in sorted(sweep.saes)},
+        sae_fpaths={
+            sae_id: sweep.sae_fpath(sae_id) for sae_id in sorted([*sweep.saes, *sweep.baselines])
+        },
         externals=dict(sorted(sweep.externals.items())),
+        baselines=dict(sorted(sweep.baselines.items())),
         groups={
             **dict(sorted(sweep.sae_group.items())),
             **dict.fromkeys(sorted(sweep.externals), "external"),
+            **dict.fromkeys(sorted(sweep.baselines), "baseline"),
         },
         labels={sae_id: sweep.labels[sae_id] for sae_id in sweep.sae_ids},
         metrics_fpaths={
             sae_id: f"{RESULTS_DPATH}/{name}/saes/{sae_id}/metrics.json" for sae_id in sweep.sae_ids
+        },
+        traits_fpaths={
+            sae_id: f"{RESULTS_DPATH}/{name}/saes/{sae_id}/traits.json"
+            for sae_id in sweep.sae_ids
+            if sweep.traits_run(sae_id)
         },
     )
     return out
@@ -522,8 +567,11 @@ def plan_sweep(
     sae_labels = labels.sae_labels(saes)
     externals = external_saes(name, sweep_cfg, train_shards, (train_md, eval_md), sae_labels)
     sae_labels |= {sae_id: external.name for sae_id, external in externals.items()}
+    baselines = plan_baselines(name, sweep_cfg, train_shards, (train_md, eval_md), sae_labels)
+    sae_labels |= {sae_id: baseline.label for sae_id, baseline in baselines.items()}
     reads = {s: (spec.train.layer, spec.train.tokens) for s, spec in specs.items()}
     reads |= {s: (external.layer, external.tokens) for s, external in externals.items()}
+    reads |= {s: (baseline.layer, baseline.tokens) for s, baseline in baselines.items()}
     interventions = plan_interventions(
         name, sweep_cfg, train_md, reads, planned_probes or {}, shard_jobs
     )
@@ -541,6 +589,8 @@ def plan_sweep(
         labels=sae_labels,
         externals=externals,
         interventions=interventions,
+        baselines=baselines,
+        trait_classes=trait_classes(name, shard_jobs[train_shards], shard_jobs[eval_shards]),
     )
 
 
@@ -690,8 +740,12 @@ def sweep_settings(name: str, cfg: dict) -> config.SweepConfig:
         typed(config.InterventionConfig, entry, f"sweeps.{name}.interventions[{i}]")
         for i, entry in enumerate(settings.get("interventions", []))
     )
+    baselines = tuple(
+        typed(config.BaselineConfig, entry, f"sweeps.{name}.baselines[{i}]")
+        for i, entry in enumerate(settings.get("baselines", []))
+    )
     values = {**settings, "render": render, "external_saes": externals}
-    values["interventions"] = interventions
+    values |= {"interventions": interventions, "baselines": baselines}
     return typed(config.SweepConfig, values, f"sweeps.{name}")
 
 
@@ -852,6 +906,61 @@ def external_saes(
             raise PlanError(f"{where}.name: {external.name!r} is already the label of another SAE")
         out[short_hash({**dataclasses.asdict(external), "shards": train_shards})] = external
     return out
+
+
+def plan_baselines(
+    name: str,
+    sweep_cfg: config.SweepConfig,
+    train_shards: str,
+    metadata: tuple[shards.Metadata, shards.Metadata],
+    sae_labels: dict[str, str],
+) -> dict[str, config.BaselineConfig]:
+    """Id -> each baseline, checked against the activations it is fitted on and for a label no
+    other SAE has."""
+    out: dict[str, config.BaselineConfig] = {}
+    train_md = metadata[0]
+    for i, baseline in enumerate(sweep_cfg.baselines):
+        where = f"sweeps.{name}.baselines[{i}]"
+        check_layer(baseline.layer, where, *metadata)
+        try:
+            d_sae = baseline.sae_config(train_md.d_vit).d_sae
+        except config.ConfigError as err:
+            raise PlanError(f"{where}.{err.field}: {err.message}") from None
+        check_include_latents(name, sweep_cfg.render, {baseline.label: d_sae})
+        available = n_vectors(train_md, baseline.tokens)
+        if baseline.batch_size > available:
+            raise PlanError(
+                f"{where}.batch_size: {baseline.batch_size} exceeds the {available} "
+                f"{baseline.tokens} vectors of the training activations"
+            )
+        if baseline.kind == "kmeans" and d_sae > baseline.n_train:
+            raise PlanError(
+                f"{where}.n_train: {baseline.n_train} vectors cannot start {d_sae} centroids "
+                f"(d_vit {train_md.d_vit} x exp_factor {baseline.exp_factor})"
+            )
+        taken = {*sae_labels.values(), *(b.label for b in out.values())}
+        if baseline.label in taken:
+            raise PlanError(
+                f"{where}: its label {baseline.label!r} is already another SAE's; give it a name"
+            )
+        identity = {**dataclasses.asdict(baseline), "name": None, "shards": train_shards}
+        out[short_hash({"baseline": identity})] = baseline
+    return out
+
+
+def trait_classes(name: str, train_job: ShardJob, eval_job: ShardJob) -> tuple[str, ...]:
+    """The class names saev's trait metrics score, when both dumps have patch labels."""
+    jobs_ = (train_job, eval_job)
+    if any(j.metadata.protocol != shards.PROTOCOL_WITH_LABELS for j in jobs_):
+        return ()
+    train_classes = probe_classes("patch", train_job.dataset_cfg, f"sweeps.{name}")
+    eval_classes = probe_classes("patch", eval_job.dataset_cfg, f"sweeps.{name}")
+    if train_classes != eval_classes:
+        raise PlanError(
+            f"sweeps.{name}.eval_activations: its label classes differ from the training "
+            "activations', so their patch labels cannot be compared"
+        )
+    return train_classes
 
 
 def validate_config(config_dct: dict):

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from .. import browser, datasets, helpers, jobs, sae, shards, topk_results  # noqa: E402
+from .. import browser, checkpoints, datasets, helpers, jobs, sae, shards, topk_results  # noqa: E402
 
 logger = logging.getLogger("render")
 THUMB_PX = 160
@@ -275,6 +275,12 @@ def write_grid(
     plt.close(fig)
 
 
+def baseline_kind(sae_fpath: str) -> str | None:
+    """`pca`, `kmeans` or `random` for a fitted baseline (its header says), else None."""
+    layout = checkpoints.layout(pathlib.Path(sae_fpath), checkpoints.read_header(sae_fpath))
+    return (layout.train or {}).get("baseline")
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spec-fpath", type=pathlib.Path, required=True, help="a RenderJob")
@@ -325,7 +331,14 @@ def main(argv: list[str] | None = None):
         summaries,
         selection,
         title=title,
-        note=browser.random_weights_note(md.vit_family),
+        note=" ".join(
+            n
+            for n in (
+                browser.baseline_note(baseline_kind(job.sae_fpath), model.cfg),
+                browser.random_weights_note(md.vit_family),
+            )
+            if n
+        ),
         patches_per_side=int(round(math.sqrt(md.n_patches_per_img))),
         concepts=concepts,
         edits=browser.read_edits(job.interventions),

@@ -155,7 +155,7 @@ class Stack:
         if step == 0:
             self.model.init_from_batch(x_BD)
         lr_M, scale_M = self.lr(step), self.sparsity_scale(step)
-        losses = self.model.loss(x_BD, scale_M)
+        losses = self.model.loss(x_BD, scale_M, step)
         new_M = (self.first_nonfinite_M < 0) & ~torch.isfinite(losses.loss)
         self.first_nonfinite_M = torch.where(new_M, step, self.first_nonfinite_M)
         self.optimizer.zero_grad()

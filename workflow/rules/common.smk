@@ -65,6 +65,12 @@ PUBLISH = step_job(
 TRAIN = step_job(
     "train", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "groups", wc.group)
 )
+BASELINE = step_job(
+    "baseline", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "baselines", wc.sae)
+)
+TRAITS = step_job(
+    "traits", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "traits", wc.sae)
+)
 EVALUATE = step_job(
     "evaluate", lambda wc: saev_plan.sweep_spec_fpath(wc.sweep, "evaluate", wc.sae)
 )
@@ -136,11 +142,12 @@ def get_dump_parts(wildcards):
 
 
 def sae_input(sweep_name, sae_id):
-    """What steps that read an SAE wait for: its group's training job, or the file of an
-    external SAE (which the export rule makes, where it is an export)."""
+    """What steps that read an SAE wait for: its group's training job, the file of an external
+    SAE (which the export rule makes, where it is an export), or a baseline's fitted file.
+    """
     sweep = PLAN.sweeps[sweep_name]
-    if sae_id in sweep.externals:
-        return sweep.externals[sae_id].fpath
+    if sae_id in sweep.externals or sae_id in sweep.baselines:
+        return sweep.sae_fpath(sae_id)
     return f"{saev_plan.group_dpath(sweep_name, sweep.sae_group[sae_id])}/{jobs.GROUP_FNAME}"
 
 
@@ -190,7 +197,13 @@ def get_all_outputs():
                         jobs.INTERVENTION_FNAME,
                     )
                 ]
-        outputs += [f"results/{name}/summary.csv", f"results/{name}/pareto.png"]
+        outputs += [
+            f"results/{name}/{fname}"
+            for fname in ("summary.csv", "pareto.png", "verdict.csv")
+        ]
+        outputs += [
+            f"{saev_plan.baseline_dpath(name, b)}/fit.json" for b in sweep.baselines
+        ]
         # A group whose rerun failed shows as still to train (saev_core.planning.keep keeps
         # its previous SAEs instead), never as a hidden retrain the next downstream change needs.
         outputs += [
@@ -201,6 +214,8 @@ def get_all_outputs():
         # a hand-deleted metrics.json) is made again by the next run, not met later as missing.
         for sae_id in sweep.sae_ids:
             sae_dpath = f"results/{name}/saes/{sae_id}"
+            if sweep.traits_run(sae_id):
+                outputs += [f"{sae_dpath}/traits.csv", f"{sae_dpath}/traits.json"]
             outputs += [
                 f"{sae_dpath}/{fname}"
                 for fname in (

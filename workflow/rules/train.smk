@@ -25,6 +25,29 @@ rule train_group:
         " --device {params.device} > {log} 2>&1"
 
 
+rule fit_baseline:
+    """Fit one baseline dictionary (PCA, k-means or a random SAE) on the training activations;
+    its sae.pt, written last, is read by every later step as an SAE's."""
+    input:
+        spec=BASELINE.input,
+        shards=lambda wc: shards_done(PLAN.sweeps[wc.sweep].train_shards),
+    output:
+        sae="results/{sweep}/baselines/{sae}/sae.pt",
+        fit="results/{sweep}/baselines/{sae}/fit.json",
+    log:
+        "results/logs/fit_baseline/{sweep}/{sae}.log",
+    benchmark:
+        "results/benchmarks/fit_baseline/{sweep}/{sae}.tsv"
+    conda:
+        "../../envs/saev.yaml"
+    params:
+        **BASELINE.params,
+        out_dpath=lambda wc, output: os.path.dirname(output.sae),
+    shell:
+        "python -m saev_core.steps.baseline --spec-fpath {input.spec:q} --out-dpath {params.out_dpath:q}"
+        " --device {params.device} > {log} 2>&1"
+
+
 rule export_saev:
     """A trained SAE in today's saev layout (schema 5), named by its label: for saev users, and
     readable here as an external SAE."""
