@@ -103,7 +103,8 @@ class SaeConfig:
     matryoshka: bool = False
     """Also reconstruct from nested prefixes of the latents (nested dictionaries)."""
     matryoshka_prefixes: str = "fixed"
-    """Which prefixes: `sampled` (saev's rule: each step 10 lengths drawn from a Pareto
+    """Which prefixes (default `fixed`: saev's rule measured 3 % worse NMSE on the quality
+    benchmark): `sampled` (saev's rule: each step 10 lengths drawn from a Pareto
     distribution of power 0.5, d_sae among them) or `fixed` (1/8, 1/4, 1/2 and all of d_sae);
     the loss is the mean of their reconstruction errors either way."""
     aux_k: int = 0
