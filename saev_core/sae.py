@@ -160,13 +160,14 @@ class Activation:
         raise ValueError(f"saev has no equivalent of a {cfg.activation} SAE")
 
 
-def saev_aux(cfg: SaeConfig) -> dict:
-    """saev's schema-5 auxiliary loss entry: AuxK, or none."""
-    if cfg.aux_k:
-        return {
-            "cls": "AuxK",
-            "params": {"key": "auxk", "k_aux": cfg.aux_k, "alpha": cfg.aux_coeff},
-        }
+def saev_aux(cfg: SaeConfig, required: bool = False) -> dict:
+    """saev's schema-5 auxiliary loss entry: AuxK, or none. Where saev types the field `AuxK`
+    only (`required`: its BatchTopK), an SAE without AuxK gets one of weight 0 (all latents,
+    `alpha` 0), which trains as no AuxK would and encodes the same."""
+    if cfg.aux_k or required:
+        alpha = cfg.aux_coeff if cfg.aux_k else 0.0
+        k_aux = cfg.aux_k or cfg.d_sae
+        return {"cls": "AuxK", "params": {"key": "auxk", "k_aux": k_aux, "alpha": alpha}}
     return {"cls": "NoAux", "params": {"key": "no-aux"}}
 
 
@@ -220,7 +221,8 @@ class BatchTopK(Activation):
     def schema5(self, cfg):
         """saev's inference rule is ours (`activation.threshold`); its momentum only trains."""
         params = {"key": "batch-top-k", "top_k": cfg.k, "sparsity": SAEV_NO_SPARSITY}
-        return {"cls": "BatchTopK", "params": {**params, "momentum": 0.1, "aux": saev_aux(cfg)}}
+        aux = saev_aux(cfg, required=True)  # saev 3d73f1f refuses a BatchTopK with NoAux
+        return {"cls": "BatchTopK", "params": {**params, "momentum": 0.1, "aux": aux}}
 
 
 class JumpRelu(Activation):

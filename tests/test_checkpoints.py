@@ -153,6 +153,85 @@ def test_schema5_export_reads_back_encoding_like_the_original(kind, tmp_path):
     torch.testing.assert_close(f_saev, f_ours, atol=1e-4, rtol=1e-5)
 
 
+SAEV_AUX_TYPES = {"Relu": {"AuxK", "NoAux"}, "TopK": {"AuxK", "NoAux"}, "BatchTopK": {"AuxK"}}
+"""saev 3d73f1f's type of each activation's `aux` field (`../shared/interop/README.md`: its
+`BatchTopK.aux` is typed `AuxK` only, so a BatchTopK header with `NoAux` is refused)."""
+
+
+def saev_3d73f1f_refusals(header: dict) -> list[str]:
+    """What saev 3d73f1f's typed loader refuses in a schema-5 header, by the rules its own
+    files show: the fields (and their JSON types) of its file of the same class, nested
+    classes (`sparsity`, `aux`) with the fields its files give them, `aux` of the field's type."""
+    files = sorted((INTEROP / "saev-checkpoints" / "schema5-3d73f1f").glob("*.pt"))
+    theirs = {h["cfg"]["activation"]["cls"]: h for h in map(checkpoints.read_header, files)}
+    nested = {}  # a nested class's parameters and their types, from any of saev's files
+    for h in theirs.values():
+        for entry in h["cfg"]["activation"]["params"].values():
+            if isinstance(entry, dict):
+                nested[entry["cls"]] = {k: type(v) for k, v in entry["params"].items()}
+    ours_act = header["cfg"]["activation"]
+    if ours_act["cls"] not in theirs:
+        return [f"activation class {ours_act['cls']!r}"]
+    ref = theirs[ours_act["cls"]]
+    problems = []
+    types = lambda d: {k: type(v) for k, v in d.items()}  # noqa: E731
+    if types({**header["cfg"], "activation": {}}) != types({**ref["cfg"], "activation": {}}):
+        problems.append(f"cfg fields {types(header['cfg'])} != {types(ref['cfg'])}")
+    if types(ours_act["params"]) != types(ref["cfg"]["activation"]["params"]):
+        problems.append(f"activation params {sorted(ours_act['params'])}")
+    for name, entry in ours_act["params"].items():
+        if not isinstance(entry, dict):
+            continue
+        if name == "aux" and entry["cls"] not in SAEV_AUX_TYPES[ours_act["cls"]]:
+            problems.append(
+                f"{ours_act['cls']}.aux={entry['cls']} is not {SAEV_AUX_TYPES[ours_act['cls']]}"
+            )
+        elif types(entry["params"]) != nested.get(entry["cls"]):
+            problems.append(f"{name} {entry['cls']} params {types(entry['params'])}")
+    return problems
+
+
+@needs_interop
+def test_the_saev_rules_refuse_what_saev_refused():
+    """The check below can fail: it refuses the BatchTopK header saev refused at 5c187ae."""
+    header = checkpoints.read_header(INTEROP / "saev-checkpoints/schema5-3d73f1f/batchtopk16.pt")
+    assert saev_3d73f1f_refusals(header) == []
+    header["cfg"]["activation"]["params"]["aux"] = {"cls": "NoAux", "params": {"key": "no-aux"}}
+    assert saev_3d73f1f_refusals(header) == ["BatchTopK.aux=NoAux is not {'AuxK'}"]
+    header["cfg"]["activation"]["params"]["aux"] = {
+        "cls": "AuxK",
+        "params": {"key": "auxk", "k_aux": 8, "alpha": 0},
+    }
+    assert "alpha" in saev_3d73f1f_refusals(header)[0]  # an int where saev types a float
+
+
+@needs_interop
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(activation="relu", sparsity_coeff=0.01),
+        dict(activation="relu", sparsity_coeff=0.01, decoder_norm="penalised"),
+        dict(activation="topk", k=8),
+        dict(activation="topk", k=8, aux_k=32),
+        dict(activation="batchtopk", k=8),
+        dict(activation="batchtopk", k=8, aux_k=32),
+    ],
+    ids=lambda cfg: "-".join(str(v) for v in cfg.values()),
+)
+def test_every_exportable_kind_is_a_header_saev_loads(cfg, tmp_path):
+    model = sae.SparseAutoencoder(sae.SaeConfig(d_vit=64, exp_factor=4, **cfg))
+    sae.save(tmp_path / "sae.pt", model)
+    export.main(["--sae-fpath", str(tmp_path / "sae.pt"), "--out-fpath", str(tmp_path / "out.pt")])
+    header = checkpoints.read_header(tmp_path / "out.pt")
+    assert saev_3d73f1f_refusals(header) == []
+    aux = header["cfg"]["activation"]["params"]["aux"]
+    if model.cfg.aux_k:
+        assert aux["params"] == {"key": "auxk", "k_aux": 32, "alpha": model.cfg.aux_coeff}
+    elif cfg["activation"] == "batchtopk":  # an AuxK that weighs nothing, typed as saev types it
+        assert aux["params"]["alpha"] == 0.0
+    assert header["cfg"]["normalize_w_dec"] == (model.cfg.decoder_norm == "unit")
+
+
 def test_unknown_layouts_and_mismatched_tensors_name_file_and_field(tmp_path):
     fpath = tmp_path / "sae.pt"
     fpath.write_bytes(b'{"schema": 7, "cls": "Relu", "cfg": {}}\n')

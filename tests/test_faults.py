@@ -165,6 +165,7 @@ def folder_config(root: pathlib.Path) -> dict:
     }
     config.pop("probes")  # photos have no masks; their probes and interventions: test_plan
     config["sweeps"]["tiny-synthetic"].pop("interventions")
+    config["sweeps"]["tiny-synthetic"].pop("baselines")  # four photos; baselines: test_baselines
     config["sweeps"]["tiny-synthetic"].update(train_activations="photos")
     config["sweeps"]["tiny-synthetic"].pop("eval_activations")
     config["sweeps"]["tiny-synthetic"]["train"][0].update(layer=-1, batch_size=64, n_train=256)

@@ -86,7 +86,7 @@ def test_sampled_matryoshka_prefixes_follow_saevs_pareto_rule():
 def test_sampled_matryoshka_loss_is_the_mean_over_that_steps_prefixes():
     """The reference loop: each prefix decoded on its own, for the prefixes this step draws
     (seeded by the SAE's seed and the step, so a resumed job draws the same)."""
-    stack = stack_of(activation="topk", k=6, matryoshka=True)
+    stack = stack_of(activation="topk", k=6, matryoshka=True, matryoshka_prefixes="sampled")
     x = torch.randn(32, 8)
     for step in (0, 7):
         loss = stack.loss(x, torch.ones(1), step=step)

@@ -31,6 +31,8 @@ def test_the_layout_separates_steps_planning_and_library():
             "export",
             "probe",
             "intervene",
+            "baseline",
+            "traits",
         ]
     )
     assert PLANNER == {

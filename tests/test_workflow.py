@@ -182,6 +182,7 @@ def test_editing_one_value_reruns_only_its_group(workdir):
         "evaluate_sae": 4,
         "topk_images": 4,
         "render_features": 4,
+        "trait_metrics": 4,
         "summarize_sweep": 1,
         "all": 1,
     }
@@ -255,6 +256,7 @@ def test_code_edits_rerun_exactly_the_steps_that_import_them(workdir, tmp_path):
         "evaluate_sae": 7,
         "topk_images": 7,
         "render_features": 7,
+        "trait_metrics": 7,
         "summarize_sweep": 1,
         "all": 1,
     }

@@ -34,8 +34,8 @@ def to_schema5(model: sae.SparseAutoencoder, fpath: pathlib.Path):
             "activation": model.stack.activation.schema5(cfg),
             "reinit_blend": 0.8,
             "reinit_enc_dec_tranpose": True,  # sic: saev's spelling
-            "remove_parallel_grads": True,
-            "normalize_w_dec": True,
+            "remove_parallel_grads": cfg.decoder_norm == "unit",
+            "normalize_w_dec": cfg.decoder_norm == "unit",
         },
         "commit": "saev-snakemake",
         "lib": "0.1.0",
