@@ -252,7 +252,9 @@ def check_baselines_and_traits(tmp: pathlib.Path, device: str):
         )
         _, scores[where] = traits_step.measure(traits_job, fits[where, "pca"].to(torch_device))
     rel = float(
-        (fits[device, "pca"].W_dec.cpu().abs() - fits["cpu", "pca"].W_dec.abs()).abs().max()
+        (fits[device, "pca"].W_dec.detach().cpu().abs() - fits["cpu", "pca"].W_dec.detach().abs())
+        .abs()
+        .max()
     )
     check("baseline pca", rel <= 1e-3, f"components within {rel:.1e} of the CPU's")
     inertia = {w: fits[w, "kmeans"].b_enc.detach().cpu().sum().item() for w in ("cpu", device)}
