@@ -128,6 +128,12 @@ def test_embedded_default_on_slurm(cluster, tmp_path):
     config["sweeps"]["tiny-synthetic"]["baselines"] = [
         b for b in config["sweeps"]["tiny-synthetic"]["baselines"] if b["kind"] == "random"
     ]
+    # Two SAE kinds per layer (every rule still runs); the other kinds are placed like these
+    # and would add 50 jobs of queue time (5 per SAE: evaluate, top-k, traits, intervene, render).
+    config["sweeps"]["tiny-synthetic"]["saes"] = [
+        {"activation": "relu", "sparsity_coeff": 0.01},
+        {"activation": "topk", "k": 16},  # the external SAE is its export
+    ]
     config_fpath.write_text(yaml.safe_dump(config))
 
     recorder = JobRecorder(tmp_path)
