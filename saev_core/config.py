@@ -600,6 +600,9 @@ class ModelConfig:
     `ckpt` names, read instead of a hub cache; None: the family's usual source."""
 
 
+SHARD_PROTOCOLS = ("1", "2.1")
+
+
 @dataclasses.dataclass(frozen=True)
 class ActivationsConfig:
     """One activation dump: a model run over a dataset."""
@@ -621,8 +624,15 @@ class ActivationsConfig:
     autocast_bf16: bool = False
     """Run the ViT in bfloat16 autocast: faster on GPUs, but other activations (so another shard
     directory: its metadata records the checkpoint as `<ckpt>@bf16`)."""
+    protocol: str = "1"
+    """The shard protocol to write: `1` (saev's seed version: 1.0.0, or 1.1.0 with labels) or
+    `2.1` (saev 3d73f1f's, which today's saev reads; its own directory names)."""
 
     def __post_init__(self):
+        if self.protocol not in SHARD_PROTOCOLS:
+            raise ConfigError(
+                "protocol", f"must be one of {list(SHARD_PROTOCOLS)}, got {self.protocol!r}"
+            )
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError("layers", f"lists a layer twice: {list(self.layers)}")
         for name in ("batch_size", "n_parts"):

@@ -6,6 +6,7 @@ Shape key: S = images per shard, L = recorded layers, T = tokens per image ([CLS
 P = patch tokens per image, D = d_vit.
 """
 
+import base64
 import concurrent.futures
 import dataclasses
 import glob
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import zlib
 
 import numpy as np
@@ -22,6 +24,35 @@ logger = logging.getLogger("shards")
 
 PROTOCOL = "1.0.0"
 PROTOCOL_WITH_LABELS = "1.1.0"
+PROTOCOL_SAEV2 = "2.1"
+"""saev 3d73f1f's protocol: the same bytes, renamed metadata, an optional `labels.bin`."""
+SAEV2_FIELDS = {
+    "family": "vit_family",
+    "ckpt": "vit_ckpt",
+    "layers": "layers",
+    "content_tokens_per_example": "n_patches_per_img",
+    "cls_token": "cls_token",
+    "d_model": "d_vit",
+    "n_examples": "n_imgs",
+    "max_tokens_per_shard": "max_patches_per_shard",
+    "data": "data",
+    "dataset": "dataset",
+    "pixel_agg": "pixel_agg",
+    "dtype": "dtype",
+    "protocol": "protocol",
+}
+"""Protocol 2.1's metadata fields in the order saev writes (and hashes) them -> ours."""
+SAEV2_FAMILIES = (
+    "bird-mae",
+    "clip",
+    "dinov2",
+    "dinov3",
+    "fake-clip",
+    "pe-core",
+    "pe-spatial",
+    "siglip",
+)
+SAEV2_PIXEL_AGGS = ("majority", "prefer-fg")
 BF16_SUFFIX = "@bf16"
 """Ends `vit_ckpt` of activations recorded with the ViT in bfloat16 autocast."""
 SHARDS_FNAME = "shards.json"
@@ -53,21 +84,29 @@ class Metadata:
     """Images in the dataset."""
     max_patches_per_shard: int
     """Upper bound on token vectors per shard file; decides images per shard."""
-    data: dict
-    """The dataset's configuration plus `__class__`, the dataset kind."""
+    data: dict | str
+    """The dataset's configuration plus `__class__`, the dataset kind; in protocol 2.1, saev's
+    opaque `base64(pickle(dataset config))`, kept as it is and never unpickled."""
     dtype: str = "float32"
     protocol: str = PROTOCOL
+    dataset: str | None = None
+    """Protocol 2.1 only: the dataset's root directory."""
+    pixel_agg: str | None = None
+    """Protocol 2.1 only: how patch labels were made from pixel masks (`majority`: each
+    patch's most common class, as ours are); None for a dataset without masks."""
 
     def __post_init__(self):
         if self.dtype != "float32":
             raise ValueError(f"metadata dtype must be 'float32', got {self.dtype!r}")
-        if self.protocol not in (PROTOCOL, PROTOCOL_WITH_LABELS):
-            raise ValueError(
-                f"metadata protocol must be {PROTOCOL!r} or {PROTOCOL_WITH_LABELS!r}, "
-                f"got {self.protocol!r}"
-            )
-        if "__class__" not in self.data:
+        protocols = (PROTOCOL, PROTOCOL_WITH_LABELS, PROTOCOL_SAEV2)
+        if self.protocol not in protocols:
+            raise ValueError(f"metadata protocol must be one of {protocols}, got {self.protocol!r}")
+        if self.protocol == PROTOCOL_SAEV2:
+            self.check_saev2()
+        elif not isinstance(self.data, dict) or "__class__" not in self.data:
             raise ValueError("metadata 'data' must name the dataset kind under '__class__'")
+        elif self.dataset is not None or self.pixel_agg is not None:
+            raise ValueError(f"'dataset' and 'pixel_agg' belong to protocol {PROTOCOL_SAEV2} only")
         if not self.layers:
             raise ValueError("metadata 'layers' must list at least one layer")
         if self.n_imgs < 1:
@@ -78,9 +117,33 @@ class Metadata:
                 f"({self.n_tokens} tokens x {len(self.layers)} layers); raise it"
             )
 
+    def check_saev2(self):
+        """What saev 3d73f1f's `Metadata` insists on, by saev's field names."""
+        if self.vit_family not in SAEV2_FAMILIES:
+            raise ValueError(
+                f"metadata 'family' must be one of saev's {SAEV2_FAMILIES}, got {self.vit_family!r}"
+            )
+        if self.pixel_agg not in (*SAEV2_PIXEL_AGGS, None):
+            raise ValueError(
+                f"metadata 'pixel_agg' must be one of {SAEV2_PIXEL_AGGS} or null, "
+                f"got {self.pixel_agg!r}"
+            )
+        if not isinstance(self.data, str) or not isinstance(self.dataset, str):
+            raise ValueError("metadata 'data' and 'dataset' must be strings in protocol 2.1")
+
     @classmethod
     def from_dict(cls, dct: dict) -> "Metadata":
-        fields = {f.name for f in dataclasses.fields(cls)}
+        if dct.get("protocol") == PROTOCOL_SAEV2:
+            if set(dct) != set(SAEV2_FIELDS):  # the order is saev's on writing, any on reading
+                raise ValueError(
+                    f"protocol {PROTOCOL_SAEV2} metadata fields must be exactly "
+                    f"{list(SAEV2_FIELDS)}; missing "
+                    f"{sorted(SAEV2_FIELDS.keys() - dct.keys())}, unexpected "
+                    f"{sorted(dct.keys() - SAEV2_FIELDS.keys())}"
+                )
+            dct = {SAEV2_FIELDS[k]: v for k, v in dct.items()}
+            return cls(**{**dct, "layers": tuple(dct["layers"])})
+        fields = {f.name for f in dataclasses.fields(cls)} - {"dataset", "pixel_agg"}
         if set(dct) != fields:
             raise ValueError(
                 f"metadata fields must be exactly {sorted(fields)}; "
@@ -96,12 +159,46 @@ class Metadata:
         return cls.from_dict(json.loads(fpath.read_text(encoding="utf-8")))
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "layers": list(self.layers)}
+        """The fields as `metadata.json` holds them (saev's names and order in protocol 2.1)."""
+        dct = {**dataclasses.asdict(self), "layers": list(self.layers)}
+        if self.protocol == PROTOCOL_SAEV2:
+            return {saev: dct[ours] for saev, ours in SAEV2_FIELDS.items()}
+        return {k: v for k, v in dct.items() if k not in ("dataset", "pixel_agg")}
+
+    def to_json(self) -> str:
+        """`metadata.json`'s text: sorted keys before protocol 2.1, saev's own layout in it."""
+        if self.protocol == PROTOCOL_SAEV2:
+            return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @property
     def hash(self) -> str:
-        """Lowercase hex SHA-256 of the canonical JSON: the shard directory's name."""
+        """The shard directory's name: the SHA-256 of the canonical JSON; in protocol 2.1, saev's
+        rule, the first 8 hex digits of the SHA-256 of the compact JSON in field order."""
+        if self.protocol == PROTOCOL_SAEV2:
+            compact = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+            return hashlib.sha256(compact.encode("utf-8")).hexdigest()[:8]
         return metadata_hash(self.to_dict())
+
+    @property
+    def records_labels(self) -> bool:
+        """Whether the dump writes `labels.bin` (protocol 1.1.0; in 2.1, when masks were
+        aggregated to patches)."""
+        if self.protocol == PROTOCOL_SAEV2:
+            return self.pixel_agg is not None
+        return self.protocol == PROTOCOL_WITH_LABELS
+
+    @property
+    def listing_key(self) -> str:
+        """The key of each entry's image count in `shards.json`."""
+        return "n_examples" if self.protocol == PROTOCOL_SAEV2 else "n_imgs"
+
+    def listing(self) -> list[dict]:
+        """`shards.json` as the metadata decides it."""
+        return [
+            {"name": shard_fname(i), self.listing_key: self.shard_n_imgs(i)}
+            for i in range(self.n_shards)
+        ]
 
     @property
     def n_tokens(self) -> int:
@@ -141,6 +238,25 @@ class Metadata:
                 f"layer {layer} was not recorded; recorded layers: {list(self.layers)}"
             )
         return self.layers.index(layer)
+
+
+def as_saev2(metadata: Metadata, dataset_root: str) -> Metadata:
+    """`metadata` in protocol 2.1, as saev 3d73f1f's writer records it: `data` is the base64 of a
+    pickled plain dict (our dataset settings; it unpickles without saev or this project), and the
+    family must be one saev knows."""
+    if metadata.vit_family not in SAEV2_FAMILIES:
+        raise ValueError(
+            f"protocol {PROTOCOL_SAEV2} records a model family saev knows {SAEV2_FAMILIES}, and "
+            f"{metadata.vit_family!r} is not one: write protocol 1 for it"
+        )
+    data = base64.b64encode(pickle.dumps(metadata.data, protocol=4)).decode("ascii")
+    return dataclasses.replace(
+        metadata,
+        data=data,
+        protocol=PROTOCOL_SAEV2,
+        dataset=dataset_root,
+        pixel_agg="majority" if metadata.records_labels else None,
+    )
 
 
 def metadata_hash(metadata: dict) -> str:
@@ -289,8 +405,7 @@ class ShardWriter:
                     "remove the directory or fix the configuration"
                 )
         else:
-            text = json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n"
-            write_atomic(md_fpath, text.encode("utf-8"))
+            write_atomic(md_fpath, metadata.to_json().encode("utf-8"))
 
     def is_complete(self, shard_i: int) -> bool:
         fpath = self.dpath / shard_fname(shard_i)
@@ -380,17 +495,16 @@ class ShardWriter:
                 "`python -m saev_core.steps.dump part --spec-fpath results/specs/shards/"
                 f"{self.dpath.name}/part<i>-of-<n>.json --device auto` for the parts that hold them"
             )
-        if self.metadata.protocol == PROTOCOL_WITH_LABELS and not self.has_labels():
+        if self.metadata.records_labels and not self.has_labels():
             raise ShardError(f"cannot publish: {self.dpath / LABELS_FNAME} is missing")
         if damaged := verify(self.dpath, n_threads):  # every byte read once, after every dump
             raise damaged[0]
         for stale_fpath in self.dpath.glob(".*.tmp"):
             stale_fpath.unlink()
-        listing = [
-            {"name": shard_fname(i), "n_imgs": self.metadata.shard_n_imgs(i)}
-            for i in range(self.metadata.n_shards)
-        ]
-        write_atomic(self.dpath / SHARDS_FNAME, (json.dumps(listing, indent=2) + "\n").encode())
+        text = json.dumps(self.metadata.listing(), indent=2)
+        if self.metadata.protocol != PROTOCOL_SAEV2:  # saev 3d73f1f ends it without a newline
+            text += "\n"
+        write_atomic(self.dpath / SHARDS_FNAME, text.encode())
 
 
 class ShardReader:
@@ -408,16 +522,13 @@ class ShardReader:
         if not listing_fpath.exists():
             raise ShardError(f"{listing_fpath} does not exist: the dump is incomplete")
         listing = json.loads(listing_fpath.read_text())
-        expected = [
-            {"name": shard_fname(i), "n_imgs": self.metadata.shard_n_imgs(i)}
-            for i in range(self.metadata.n_shards)
-        ]
+        expected, key = self.metadata.listing(), self.metadata.listing_key
         # saev writes one more, empty shard when n_imgs is a multiple of the shard size.
         trailing = listing[len(expected) :]
-        if listing[: len(expected)] != expected or any(e.get("n_imgs") != 0 for e in trailing):
+        if listing[: len(expected)] != expected or any(e.get(key) != 0 for e in trailing):
             raise ShardError(
                 f"{listing_fpath} does not match {METADATA_FNAME}: expected {expected} "
-                "(then, as saev writes, only entries with n_imgs 0)"
+                f"(then, as saev writes, only entries with {key} 0)"
             )
         listing = listing[: len(expected)]
         for entry in listing:
@@ -431,12 +542,16 @@ class ShardReader:
                 )
         labels_fpath = self.dpath / LABELS_FNAME
         labels_nbytes = self.metadata.labels_nbytes
-        if self.metadata.protocol == PROTOCOL_WITH_LABELS and (
+        # Protocol 1.1.0 promises labels; in 2.1 they are optional, but whole when present.
+        self.has_labels = self.metadata.protocol == PROTOCOL_WITH_LABELS or (
+            self.metadata.protocol == PROTOCOL_SAEV2 and labels_fpath.exists()
+        )
+        if self.has_labels and (
             not labels_fpath.exists() or labels_fpath.stat().st_size != labels_nbytes
         ):
             raise ShardError(
-                f"{labels_fpath} must exist with {labels_nbytes} bytes (protocol "
-                f"{PROTOCOL_WITH_LABELS})"
+                f"{labels_fpath} must exist with {labels_nbytes} bytes (one uint8 per patch of "
+                f"{self.metadata.n_imgs} images, protocol {self.metadata.protocol})"
             )
         self._mmaps: dict[int, np.memmap] = {}
 
@@ -504,7 +619,7 @@ class ShardReader:
     def labels(self) -> np.ndarray | None:
         """Per-patch labels (n_imgs, P) when the dump recorded them."""
         fpath = self.dpath / LABELS_FNAME
-        if self.metadata.protocol != PROTOCOL_WITH_LABELS:
+        if not self.has_labels:
             return None
         shape = (self.n_imgs, self.metadata.n_patches_per_img)
         return np.memmap(fpath, dtype=np.uint8, mode="r", shape=shape)

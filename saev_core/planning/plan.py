@@ -479,7 +479,7 @@ def shard_metadata(
             n_imgs, data["fingerprint"] = scan.n_imgs, scan.fingerprint
         else:
             n_imgs = datasets.count_images(dataset_cfg)
-        return shards.Metadata(
+        metadata = shards.Metadata(
             vit_family=model.family,
             vit_ckpt=vit_ckpt,
             layers=spec.layers,
@@ -493,6 +493,21 @@ def shard_metadata(
         )
     except (ValueError, datasets.DatasetError) as err:
         raise PlanError(f"{where}: {err}") from err
+    if spec.protocol == shards.PROTOCOL_SAEV2:
+        try:
+            return shards.as_saev2(metadata, dataset_root(dataset_cfg))
+        except ValueError as err:
+            raise PlanError(f"{where}.protocol: {err}") from None
+    return metadata
+
+
+def dataset_root(dataset_cfg: dict) -> str:
+    """Protocol 2.1's `dataset`: the dataset's root as configured (ImageNet: its Hub name).
+    saev records an absolute path; a relative one keeps the directory's name (its hash) the same
+    wherever the workflow's directory is."""
+    if dataset_cfg["kind"] == "imagenet":
+        return datasets.IMAGENET_HF_NAME
+    return dataset_cfg["root"]
 
 
 def check_architecture(
@@ -697,7 +712,7 @@ def plan_probes(
         train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
         check_layer(cfg.layer, where, train_md, eval_md)
         for md, which in ((train_md, "train_activations"), (eval_md, "eval_activations")):
-            if cfg.kind == "patch" and md.protocol != shards.PROTOCOL_WITH_LABELS:
+            if cfg.kind == "patch" and not md.records_labels:
                 dataset = shard_jobs[train_shards if which == "train_activations" else eval_shards]
                 raise PlanError(
                     f"{where}.{which}: a patch probe needs per-patch labels (labels.bin), and "
@@ -951,7 +966,7 @@ def plan_baselines(
 def trait_classes(name: str, train_job: ShardJob, eval_job: ShardJob) -> tuple[str, ...]:
     """The class names saev's trait metrics score, when both dumps have patch labels."""
     jobs_ = (train_job, eval_job)
-    if any(j.metadata.protocol != shards.PROTOCOL_WITH_LABELS for j in jobs_):
+    if not all(j.metadata.records_labels for j in jobs_):
         return ()
     train_classes = probe_classes("patch", train_job.dataset_cfg, f"sweeps.{name}")
     eval_classes = probe_classes("patch", eval_job.dataset_cfg, f"sweeps.{name}")

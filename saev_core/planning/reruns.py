@@ -145,9 +145,7 @@ def heal_shard_directories(
                     marker_fpath.unlink()
                     (dpath / shards.SHARDS_FNAME).unlink(missing_ok=True)
         labels_fpath = dpath / shards.LABELS_FNAME
-        if md.protocol == shards.PROTOCOL_WITH_LABELS and not is_complete(
-            labels_fpath, md.labels_nbytes
-        ):
+        if md.records_labels and not is_complete(labels_fpath, md.labels_nbytes):
             if dry_run:
                 logger.warning("%s missing; a real run publishes %s again", labels_fpath, dpath)
             else:

@@ -248,7 +248,7 @@ def publish(
     dataset has masks, then publish."""
     out_dpath = pathlib.Path(out_dpath)
     writer = shards.ShardWriter(out_dpath, metadata)
-    if metadata.protocol == shards.PROTOCOL_WITH_LABELS and not writer.has_labels():
+    if metadata.records_labels and not writer.has_labels():
         dataset = open_dataset(metadata, dataset_cfg)
         if not dataset.has_masks:
             raise shards.ShardError(

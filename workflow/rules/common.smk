@@ -99,7 +99,7 @@ localrules:
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_.-]+",
-    shards="[0-9a-f]{64}",
+    shards="[0-9a-f]{64}|[0-9a-f]{8}",  # protocol 1's SHA-256; 2.1's 8 digits (saev's rule)
     sweep="[A-Za-z0-9_.-]+",
     group=r"layer-?\d+-[0-9a-f]{8}",
     sae="[0-9a-f]{10}",
