@@ -228,8 +228,13 @@ class TrainConfig:
     """Subtract the data mean and scale to mean squared norm d_vit (constants stored in sae.pt)."""
     grad_clip: float = 0.0
     """Clip each SAE's gradient to this global norm before the update; 0 is off."""
+    ignore_labels: tuple[int, ...] = dataclasses.field(default=(), metadata=STREAM)
+    """Patch classes (`labels.bin` ids) left out of training and evaluation, as saev's label
+    filtering (set on the sweep: `SweepConfig.ignore_labels`)."""
 
     def __post_init__(self):
+        object.__setattr__(self, "ignore_labels", tuple(self.ignore_labels))
+        check_ignore_labels(self.ignore_labels, self.tokens)
         if self.grad_clip < 0:
             raise ConfigError("grad_clip", f"must be >= 0, got {self.grad_clip}")
         if self.tokens not in TOKENS:
@@ -246,6 +251,17 @@ class TrainConfig:
     @property
     def n_steps(self) -> int:
         return self.n_train // self.batch_size
+
+
+def check_ignore_labels(ignore_labels: tuple, tokens: str):
+    if not all(isinstance(c, int) and 0 <= c <= 255 for c in ignore_labels):
+        raise ConfigError(
+            "ignore_labels", f"must list labels.bin class ids 0..255, got {list(ignore_labels)}"
+        )
+    if len(set(ignore_labels)) != len(ignore_labels):
+        raise ConfigError("ignore_labels", f"lists a class twice: {list(ignore_labels)}")
+    if ignore_labels and tokens != "patches":
+        raise ConfigError("ignore_labels", f"filters patches by label; tokens is {tokens!r}")
 
 
 SAE_KEYS = tuple(f.name for f in dataclasses.fields(SaeConfig) if f.name != "d_vit")
@@ -563,8 +579,13 @@ class SweepConfig:
     """Edits of each class's latents, measured by a probe (`InterventionConfig`)."""
     baselines: tuple[BaselineConfig, ...] = ()
     """Dictionaries fitted without SAE training, scored beside the SAEs (`BaselineConfig`)."""
+    ignore_labels: tuple[int, ...] = ()
+    """Patch classes every SAE of the sweep trains and is evaluated without (e.g. `[0]`, the
+    background); part of each SAE's id and data stream."""
 
     def __post_init__(self):
+        object.__setattr__(self, "ignore_labels", tuple(self.ignore_labels))
+        check_ignore_labels(self.ignore_labels, "patches")
         if not 1 <= self.max_saes_per_group <= 1024:
             raise ConfigError(
                 "max_saes_per_group", f"must be in 1..1024, got {self.max_saes_per_group}"

@@ -228,6 +228,8 @@ class EvaluateJob(Job):
     tokens: str
     dataset: dict
     """The held-out dataset's config (its class names)."""
+    ignore_labels: tuple[int, ...] = ()
+    """Patch classes left out, as in the SAE's training (its sweep's `ignore_labels`)."""
     EXECUTION = ("shards_dpath", "sae_fpath")
 
 

@@ -132,6 +132,8 @@ class ShuffledLoader:
     With `labels_NT` (one class per image and vector, e.g. `labels.bin`'s per-patch classes),
     each batch comes as (x_BD, labels_B): the labels travel through the same buffers and
     permutations as their vectors (blocks are whole images, so a block's labels are one slice).
+    With `ignore_labels` too, vectors of those classes are dropped as each buffer is read (saev's
+    label filtering): an epoch delivers every other vector exactly once.
 
     `state_dict()` after a batch and `load_state_dict()` on a fresh loader continue with exactly
     the next batch: the state is the random generator, epoch order and carried vectors at the
@@ -157,16 +159,24 @@ class ShuffledLoader:
         buffer_vectors: int = BUFFER_VECTORS,
         prefetch_buffers: int = 2,
         labels_NT: np.ndarray | None = None,
+        ignore_labels: tuple[int, ...] = (),
     ):
         self.blocks = BlockReader(reader, layer, tokens, block_bytes)
         expected = (reader.n_imgs, self.blocks.n_tokens)
         if labels_NT is not None and tuple(labels_NT.shape) != expected:
             raise ValueError(f"labels have shape {labels_NT.shape}, the vectors {expected}")
+        if ignore_labels and labels_NT is None:
+            raise ValueError("ignore_labels needs the vectors' labels (labels_NT)")
         self.labels_NT = labels_NT
-        if batch_size > self.blocks.n_vectors:
+        self.ignore_labels = torch.tensor(ignore_labels, dtype=torch.long)
+        n_vectors, kept = self.blocks.n_vectors, ""
+        if ignore_labels:  # one pass over labels.bin: 1 byte per patch
+            n_vectors = int((~np.isin(np.asarray(labels_NT), ignore_labels)).sum())
+            kept = f" left by ignore_labels {list(ignore_labels)}"
+        if batch_size > n_vectors:
             raise ValueError(
-                f"batch_size {batch_size} exceeds the {self.blocks.n_vectors} vectors of layer "
-                f"{layer} in {reader.dpath}"
+                f"batch_size {batch_size} exceeds the {n_vectors} vectors of layer "
+                f"{layer} in {reader.dpath}{kept}"
             )
         self.batch_size, self.seed = batch_size, seed
         self.n_steps = n_train // batch_size
@@ -308,6 +318,12 @@ class ShuffledLoader:
                     rows = self.labels_NT[first : first + block.stop - block.start]
                     labels_N[lo:hi] = torch.from_numpy(np.asarray(rows, dtype=np.int64).ravel())
                 lo = hi
+            if len(self.ignore_labels):  # keep the other classes, in place and in order
+                kept_N = (~torch.isin(labels_N, self.ignore_labels)).nonzero().squeeze(1)
+                n_vectors = len(kept_N)
+                buffer_ND[:n_vectors] = buffer_ND[kept_N]
+                labels_N[:n_vectors] = labels_N[kept_N]
+                buffer_ND, labels_N = buffer_ND[:n_vectors], labels_N[:n_vectors]
             perm_N = torch.randperm(n_vectors, generator=gen)
             n_full = n_vectors // B * B
             carry_ND = buffer_ND[perm_N[n_full:]]

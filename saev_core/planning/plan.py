@@ -364,6 +364,8 @@ def sweep_jobs(sweep: Sweep, shard_jobs: dict[str, ShardJob], root: str) -> dict
             layer=layer,
             tokens=tokens,
             dataset=shard_jobs[eval_shards].dataset_cfg,
+            # Every member scored on the same patches: the SAEs trained on, baselines too.
+            ignore_labels=sweep.cfg.ignore_labels if tokens == "patches" else (),
         )
         out[sweep_spec_fpath(name, "topk", sae_id)] = jobs.TopkJob(
             sae_fpath=sae_fpath,
@@ -574,7 +576,12 @@ def plan_sweep(
         shard_jobs,
     )
     train_md, eval_md = shard_jobs[train_shards].metadata, shard_jobs[eval_shards].metadata
-    saes, specs = sweep_saes(name, cfg, train_shards, train_md, eval_md)
+    if sweep_cfg.ignore_labels and not (train_md.records_labels and eval_md.records_labels):
+        raise PlanError(
+            f"sweeps.{name}.ignore_labels: filtering patches by label needs labels.bin in the "
+            "training and held-out activations, and their dataset has no masks"
+        )
+    saes, specs = sweep_saes(name, cfg, train_shards, train_md, eval_md, sweep_cfg.ignore_labels)
     check_include_latents(name, sweep_cfg.render, {s: spec.sae.d_sae for s, spec in specs.items()})
     groups, sae_group = sweep_groups(saes, sweep_cfg.max_saes_per_group, recorded or {})
     for group in groups.values():
@@ -786,12 +793,21 @@ def train_eval_shards(
 
 
 def sweep_saes(
-    name: str, cfg: dict, train_shards: str, train_md: shards.Metadata, eval_md: shards.Metadata
+    name: str,
+    cfg: dict,
+    train_shards: str,
+    train_md: shards.Metadata,
+    eval_md: shards.Metadata,
+    ignore_labels: tuple[int, ...] = (),
 ) -> tuple[dict[str, dict], dict[str, config.SaeSpec]]:
     """Every grid point as an SAE: id -> flat configuration (what the id hashes), id -> typed
-    configs; each checked against the activations it reads."""
+    configs; each checked against the activations it reads. The sweep's `ignore_labels` joins
+    each point only when set, so sweeps without it keep their ids."""
     saes, specs = {}, {}
     for point, where in sweep_points(name, cfg):
+        if ignore_labels:
+            point = {**point, "ignore_labels": list(ignore_labels)}
+            where = {**where, "ignore_labels": f"sweeps.{name}"}
         try:
             spec = config.sae_spec(train_md.d_vit, point)
         except config.ConfigError as err:
@@ -851,7 +867,7 @@ def sweep_groups(
             sae_group |= dict.fromkeys(mine, group_id)
     by_stream: dict[str, list[str]] = {}
     for sae_id in sorted(set(saes) - set(sae_group)):
-        stream = {k: saes[sae_id][k] for k in STREAM_KEYS}
+        stream = {k: saes[sae_id][k] for k in STREAM_KEYS if k in saes[sae_id]}
         by_stream.setdefault(json.dumps(stream, sort_keys=True), []).append(sae_id)
     for stream_json, sae_ids in by_stream.items():
         stream = json.loads(stream_json)

@@ -67,20 +67,31 @@ def evaluate(
     tokens: str,
     class_names: list[str] | None = None,
     n_candidates: int = N_CANDIDATES,
+    ignore_labels: tuple[int, ...] = (),
 ) -> Evaluation:
     """Reconstruction, sparsity and (with patch labels and class names) concept recovery over
-    every vector of `layer` in the shards."""
+    every vector of `layer` in the shards, but those of the classes `ignore_labels` (the
+    patches the SAE was trained without)."""
     d_sae, d_vit = model.cfg.d_sae, model.cfg.d_vit
-    labels = reader.labels() if tokens == "patches" and class_names else None
+    if ignore_labels and (tokens != "patches" or reader.labels() is None):
+        raise shards.ShardError(f"ignore_labels needs patches and labels.bin in {reader.dpath}")
+    labels = reader.labels() if tokens == "patches" and (class_names or ignore_labels) else None
     class_stats = None
-    if labels is not None:
+    if labels is not None and class_names:
         class_stats = concepts.ClassStats(d_sae, len(class_names), model.b_dec.device)
+    ignore_I = torch.tensor(ignore_labels, dtype=torch.long, device=model.b_dec.device)
     n, sq_err, l0, l1 = 0, 0.0, 0.0, 0.0
     sum_x_D = torch.zeros(d_vit, dtype=torch.float64)
     sum_xx_D = torch.zeros(d_vit, dtype=torch.float64)
     fires_F = torch.zeros(d_sae, dtype=torch.float64)
     sums_F = torch.zeros(d_sae, dtype=torch.float64)
     for start, n_imgs, x_ND, f_x_NF in encoded(model, reader, layer, tokens):
+        if labels is not None:
+            labels_N = torch.from_numpy(np.array(labels[start : start + n_imgs]).reshape(-1))
+            labels_N = labels_N.long().to(f_x_NF.device)
+            if ignore_labels:
+                keep_N = ~torch.isin(labels_N, ignore_I)
+                x_ND, f_x_NF, labels_N = x_ND[keep_N], f_x_NF[keep_N], labels_N[keep_N]
         x_hat_ND = model.decode(f_x_NF)
         n += len(x_ND)
         sq_err += (x_hat_ND - x_ND).pow(2).sum().item()
@@ -91,8 +102,7 @@ def evaluate(
         sum_x_D += x_ND.sum(dim=0).double().cpu()
         sum_xx_D += x_ND.double().pow(2).sum(dim=0).cpu()
         if class_stats is not None:
-            labels_N = torch.from_numpy(np.array(labels[start : start + n_imgs]).reshape(-1))
-            class_stats.update(f_x_NF, labels_N.to(f_x_NF.device))
+            class_stats.update(f_x_NF, labels_N)
     total_var = (sum_xx_D - sum_x_D.pow(2) / n).sum().item()
     freq_F = fires_F / n
     mean_value_F = torch.where(fires_F > 0, sums_F / fires_F.clamp(min=1), 0.0)
@@ -111,7 +121,9 @@ def evaluate(
     }
     ranked = []
     if class_stats is not None:
-        ranked = recover_concepts(model, reader, layer, class_stats, class_names, n_candidates)
+        ranked = recover_concepts(
+            model, reader, layer, class_stats, class_names, n_candidates, ignore_I
+        )
     found = concepts.best_latents(ranked)
     metrics["n_concept_classes"] = len(found)
     metrics["mean_best_ap"] = float(np.mean([c.ap for c in found])) if found else None
@@ -126,13 +138,16 @@ def recover_concepts(
     class_stats: concepts.ClassStats,
     class_names: list[str],
     n_candidates: int,
+    ignore_I: torch.Tensor,
 ) -> list[concepts.Concept]:
     """Score each class's candidate latents exactly, in as many passes as memory needs; return
-    every scored pair, ranked within its class."""
+    every scored pair, ranked within its class. Patches of the classes `ignore_I` are left out."""
     candidates = class_stats.candidates(n_candidates)
     latents = sorted({f for fs in candidates.values() for f in fs})
     device = model.b_dec.device
-    labels_N = torch.from_numpy(np.array(reader.labels()).reshape(-1)).to(device)
+    labels_N = torch.from_numpy(np.array(reader.labels()).reshape(-1)).long().to(device)
+    keep_N = ~torch.isin(labels_N, ignore_I)
+    labels_N = labels_N[keep_N]
     per_pass = max(1, CANDIDATE_BYTES // (4 * class_stats.n))
     scores = {}
     for lo in range(0, len(latents), per_pass):
@@ -140,7 +155,7 @@ def recover_concepts(
         columns = torch.tensor(latents_U, device=device)
         values_NU = torch.cat(
             [f_x_NF[:, columns] for *_, f_x_NF in encoded(model, reader, layer, "patches")]
-        )
+        )[keep_N]
         scores |= concepts.score_candidates(candidates, values_NU, latents_U, labels_N)
     logger.info("scored %d candidate latents for %d classes", len(latents), len(candidates))
     return concepts.ranked_candidates(candidates, scores, class_stats.n_pos_C.cpu(), class_names)
@@ -219,7 +234,9 @@ def main(argv: list[str] | None = None):
     if reader.labels() is not None:
         class_names = datasets.load(job.dataset).classes
         reader.check_labels(class_names)
-    result = evaluate(model, reader, job.layer, job.tokens, class_names)
+    result = evaluate(
+        model, reader, job.layer, job.tokens, class_names, ignore_labels=job.ignore_labels
+    )
     logger.info("%s", result.metrics)
     write(result, f"SAE {sae_fpath.parent.name}", args.out_dpath)
 

@@ -268,8 +268,20 @@ def train_locked(
     reader = shards.ShardReader(shards_dpath)
     saes = {sae_id: config.sae_spec(reader.metadata.d_vit, flat) for sae_id, flat in group.items()}
     stream = one_stream(saes)
+    labels_NT = None
+    if stream.ignore_labels:
+        labels_NT = reader.labels()
+        if labels_NT is None:
+            raise shards.ShardError(f"ignore_labels needs labels.bin, and {reader.dpath} has none")
     batches = loaders.ShuffledLoader(
-        reader, stream.layer, stream.tokens, stream.batch_size, stream.n_train, stream.seed
+        reader,
+        stream.layer,
+        stream.tokens,
+        stream.batch_size,
+        stream.n_train,
+        stream.seed,
+        labels_NT=labels_NT,
+        ignore_labels=stream.ignore_labels,
     )
     stacks = make_stacks(saes, len(batches), torch_device)
     first_step = resume(work_dpath, group, stacks, batches)
@@ -277,7 +289,8 @@ def train_locked(
     wandb_run = tracking.WandbRun(wandb_project, out_dpath.name, group) if wandb_project else None
 
     t0 = time.perf_counter()
-    timed_batches = WaitTimer(batches)  # the loader's time only, not the copies to the device
+    # The loader's time only, not the copies to the device; labels only filtered, not used.
+    timed_batches = WaitTimer(batches if labels_NT is None else (x for x, _ in batches))
     try:
         for step, x_BD in enumerate(
             loaders.ToDevice(timed_batches, torch_device), start=first_step
