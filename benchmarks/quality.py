@@ -52,6 +52,18 @@ VARIANTS = {
     "data init, clip": {"init_from_data": True, "grad_clip": 1.0},
     "all three": {"b_dec_init": "zero", "init_from_data": True, "grad_clip": 1.0},
     "anthropic": {"decoder_norm": "penalised", "sparsity_warmup_steps": 29, "grad_clip": 1.0},
+    "anthropic lr 6e-3": {
+        "decoder_norm": "penalised",
+        "sparsity_warmup_steps": 29,
+        "grad_clip": 1.0,
+        "lr": 6e-3,
+    },
+    "anthropic data init": {
+        "decoder_norm": "penalised",
+        "sparsity_warmup_steps": 29,
+        "grad_clip": 1.0,
+        "init_from_data": True,
+    },
 }
 """Saev's trainer's choices, one at a time and together (`--ablate`)."""
 VARIANT_COEFFS = {"all three": (1.5e-4, 3e-4, 6e-4, 1.2e-3)}
