@@ -16,9 +16,11 @@ evaluation take about 30 more. `--seed` changes the SAEs' initialisation and dat
 images stay), for the seed-to-seed spread. `--ablate` also trains, in the same group, the ReLU sweep with one
 of saev's trainer's choices at a time (b_dec starting at 0, decoder rows from data points,
 gradient-norm clipping at 1), the last two together and all three together (also for TopK k=16),
-and prints a row per variant: about 55 minutes more. It ends with
-`BENCH relu_nmse_at_l0_20=<NMSE> target<=0.134` (saev's trainer: ~0.134 there, interpolated),
-the JumpReLU sweep's smallest L0 ratio between coefficients a decade apart and its span
+and every Anthropic-recipe variant, and prints a row per variant: about two hours more
+(`--variants a,b --no-jumprelu` trains only those, about 35 minutes). It ends with
+`BENCH relu_nmse_at_l0_20=<NMSE> target<=0.136` (saev's trainer: 0.136 there, interpolated) and
+`relu_dead_at_l0_20=<share> target<=0.10` for the first `--variants` entry, Matryoshka's sampled
+over fixed prefixes (`matryoshka_sampled_vs_fixed_nmse`), the JumpReLU sweep's smallest L0 ratio between coefficients a decade apart and its span
 (`jumprelu_l0_decade_ratio_min=<r> target>=1.1`, `jumprelu_l0_span=<r> target>=10`), and JumpReLU's
 NMSE at L0 16 and 32 (interpolated) over TopK's at that k
 (`jumprelu_vs_topk_nmse_at_l0_16=<ratio> target<=1.0`, and at 32).
@@ -58,6 +60,18 @@ VARIANTS = {
         "grad_clip": 1.0,
         "lr": 6e-3,
     },
+    "anthropic lr 4e-3": {
+        "decoder_norm": "penalised",
+        "sparsity_warmup_steps": 29,
+        "grad_clip": 1.0,
+        "lr": 4e-3,
+    },
+    "anthropic lr 3e-3": {
+        "decoder_norm": "penalised",
+        "sparsity_warmup_steps": 29,
+        "grad_clip": 1.0,
+        "lr": 3e-3,
+    },
     "anthropic data init": {
         "decoder_norm": "penalised",
         "sparsity_warmup_steps": 29,
@@ -65,7 +79,8 @@ VARIANTS = {
         "init_from_data": True,
     },
 }
-"""Saev's trainer's choices, one at a time and together (`--ablate`)."""
+"""ReLU recipes: saev's trainer's choices one at a time and together, and the Anthropic April 2024
+recipe at learning rates 2e-3 to 6e-3 and with decoder rows from data (`--ablate` trains them all)."""
 VARIANT_COEFFS = {"all three": (1.5e-4, 3e-4, 6e-4, 1.2e-3)}
 """Where a variant's L0 answers the coefficient differently: saev's three choices together keep
 L0 between 11 and 21 for coefficients 1.5e-4 to 1.2e-3 (and 5-8 for the default range)."""
@@ -161,7 +176,7 @@ def main():
         "--work-dpath", type=pathlib.Path, default=pathlib.Path("results/benchmarks/quality")
     )
     parser.add_argument(
-        "--ablate", action="store_true", help="also train saev's choices, one at a time"
+        "--ablate", action="store_true", help="also train every ReLU variant (VARIANTS)"
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0, help="SAE initialisation and data order")
